@@ -1,0 +1,3 @@
+"""cil-harness: a benchmarking harness for class-incremental learning."""
+
+__version__ = "0.1.0"

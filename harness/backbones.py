@@ -1,0 +1,141 @@
+"""Shared feature extractors. Each maps images (B, C, H, W) in [0, 1] to (B, out_dim).
+
+- convnet: a small 2-conv CNN (the size of Avalanche's QuickDraw peer runs);
+- resnet32: the CIFAR ResNet-32 of iCaRL/PyCIL, trained from scratch;
+- resnet18: torchvision's ResNet-18 with a 3x3 stem for small images;
+- efficientnet_lite0: ImageNet-pretrained EfficientNet-Lite0 from a PyPI package.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from avalanche.models import IncrementalClassifier
+from torch import nn
+
+from harness.errors import HarnessError
+
+_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def backbone(name: str):
+    def deco(fn):
+        _BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def backbone_names() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
+    """Build a backbone by name; it exposes `out_dim`."""
+    if name not in _BACKBONES:
+        raise HarnessError(f"unknown backbone '{name}'; known: {', '.join(backbone_names())}")
+    return _BACKBONES[name](in_channels=in_channels, image_size=image_size)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, in_channels: int, image_size: int, width: int = 32, hidden: int = 256):
+        super().__init__()
+        side = image_size // 4
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(inplace=True),
+        )
+        self.out_dim = hidden
+
+    def forward(self, x):
+        return self.features(x)
+
+
+@backbone("convnet")
+def convnet(in_channels: int, image_size: int) -> nn.Module:
+    return ConvNet(in_channels, image_size)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-6n+2 for 32x32 images (He et al. 2016, section 4.2): 16/32/64 channels."""
+
+    def __init__(self, in_channels: int, depth: int = 32):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        layers, cin = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            for j in range(n):
+                layers.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = 64
+
+    def feature_map(self, x):
+        """Output of the last convolutional block (used by attention methods)."""
+        return self.layers(self.stem(x))
+
+    def forward(self, x):
+        return self.pool(self.feature_map(x)).flatten(1)
+
+
+@backbone("resnet32")
+def resnet32(in_channels: int, image_size: int) -> nn.Module:
+    return CifarResNet(in_channels, depth=32)
+
+
+@backbone("resnet18")
+def resnet18(in_channels: int, image_size: int) -> nn.Module:
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(weights=None)
+    if image_size <= 64:  # keep resolution on small images: 3x3 stem, no max-pool
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    net.fc = nn.Identity()
+    net.out_dim = 512
+    return net
+
+
+@backbone("efficientnet_lite0")
+def efficientnet_lite0(in_channels: int, image_size: int) -> nn.Module:
+    from harness.pretrained import EfficientNetLite0Features
+
+    # ImageNet weights expect ~224 px: small images are upsampled inside the module.
+    return EfficientNetLite0Features(in_channels=in_channels, image_size=max(image_size, 224), pretrained=True)
+
+
+class IncrementalNet(nn.Module):
+    """Backbone + Avalanche's IncrementalClassifier (grows when new classes arrive)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = IncrementalClassifier(backbone.out_dim, initial_out_features=1)
+
+    def features(self, x):
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))

@@ -1,0 +1,178 @@
+"""Command line: run, list, report, plot.  `python -m harness --help`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from harness.errors import HarnessError
+
+DEFAULT_METHODS = ("finetune", "joint")
+DEFAULT_PROTOCOL = "quickdraw40_4x10"
+DEFAULT_OUT = "results"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's own code, without the usage dump)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description="Class-incremental learning benchmarks.")
+    parser.add_argument("--plugins", nargs="+", default=[], metavar="PATH",
+                        help="extra method/protocol files or folders to import")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train methods through a protocol; writes results, table and figures")
+    run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="M")
+    run.add_argument("--protocol", default=DEFAULT_PROTOCOL, metavar="P")
+    run.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="K")
+    run.add_argument("--out", default=DEFAULT_OUT, metavar="DIR")
+    run.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    run.add_argument("--epochs", type=_positive, help="epochs per task for every method")
+    run.add_argument("--max-train-per-class", type=_positive, metavar="N", help="cap training samples per class")
+    run.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override a declared hyperparameter: method.key=value or key=value")
+    run.add_argument("--data-root", metavar="DIR", help="where datasets live (default $CIL_DATA or ~/.cache/cil-harness/data)")
+    run.add_argument("--download", action="store_true", help="download missing datasets where the network allows")
+    run.add_argument("--force", action="store_true", help="rerun finished runs (their results are replaced)")
+    run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+    run.add_argument("--plugins", nargs="+", default=[], metavar="PATH", dest="run_plugins",
+                     help=argparse.SUPPRESS)
+
+    ls = sub.add_parser("list", help="methods, protocols and which data is present")
+    ls.add_argument("--data-root", metavar="DIR")
+
+    report = sub.add_parser("report", help="print the paper table of finished runs")
+    report.add_argument("dirs", nargs="+", metavar="DIR")
+    report.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+
+    plot = sub.add_parser("plot", help="write the figures of finished runs")
+    plot.add_argument("dir", metavar="DIR")
+    plot.add_argument("--out", metavar="DIR", help="where figures go (default DIR/plots)")
+    return parser
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    from harness import data as data_mod
+    from harness import results
+    from harness.params import parse_set_options, validate_set_options
+    from harness.protocol import get_protocol
+    from harness.registry import METHODS
+    from harness.report import collect_runs, render, write_report
+    from harness.plots import write_figures
+    from harness.runner import RunSpec, plan_label, resolve_device, run_all
+
+    # Everything the user typed is checked before any work or any write.
+    methods = {name: METHODS.get(name) for name in dict.fromkeys(args.methods)}
+    protocol = get_protocol(args.protocol)
+    overrides = parse_set_options([item for group in args.sets for item in group])
+    validate_set_options(overrides, methods)
+    resolve_device(args.device)
+    results.check_output_dir(Path(args.out))
+    data_mod.load_splits(protocol, args.data_root, args.download)  # missing data -> one line, exit 2
+
+    specs = [
+        RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
+                overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
+                data_root=args.data_root, download=args.download, force=args.force,
+                quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins))
+        for m in methods for s in args.seeds
+    ]
+    for spec in specs:
+        label, protocol_dir, _, _ = plan_label(spec)
+        path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
+        if results.is_finished(path) and not spec.force:
+            _say(args.quiet, f"skip {label} seed {spec.seed}: finished in {path} (--force reruns it)")
+    outcomes = run_all(specs, workers=args.workers)
+
+    protocol_dir = outcomes[0].protocol_dir
+    table_dir = Path(args.out) / protocol_dir
+    runs = collect_runs([table_dir])
+    written = write_report(runs, table_dir) + write_figures(runs, table_dir / "plots")
+    print(render(runs, "md"))
+    _say(args.quiet, f"\nresults: {table_dir}")
+    _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from harness import data as data_mod
+    from harness.errors import DataMissing
+    from harness.registry import METHODS, PROTOCOLS
+
+    print("methods:")
+    for name in METHODS.names():
+        print(f"  {name:<16} {METHODS.get(name).description}")
+    print("\nprotocols:")
+    present: dict[str, str] = {}
+    for name in PROTOCOLS.names():
+        p = PROTOCOLS.get(name)
+        if p.dataset not in present:
+            try:
+                data_mod.load_splits(p, args.data_root)
+                present[p.dataset] = "data present"
+            except DataMissing:
+                present[p.dataset] = "data missing"
+        print(f"  {name:<22} {p.shape:<44} {present[p.dataset]}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import collect_runs, render
+
+    print(render(collect_runs([Path(d) for d in args.dirs]), args.format))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from harness.plots import write_figures
+    from harness.report import collect_runs
+
+    runs = collect_runs([Path(args.dir)])
+    for path in write_figures(runs, Path(args.out) if args.out else Path(args.dir) / "plots"):
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from harness.registry import discover
+
+        discover(args.plugins + getattr(args, "run_plugins", []))
+        return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "plot": cmd_plot}[args.command](args)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

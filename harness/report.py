@@ -1,0 +1,234 @@
+"""Paper-style tables from finished runs (`<out>/<protocol>/<label>/seed<k>/summary.json`).
+
+Rows are labels (a method plus its non-default settings), sorted alphabetically so a
+base method comes right before its variants ("gmm", "gmm+memory=2000") and the order
+does not depend on the file system. Protocols are column groups, also sorted.
+Accuracies are percent; a cell is "mean ± std" over seeds (sample std, ddof=1; a
+single seed shows just the mean); "–" means undefined (forgetting of a one-task run);
+an empty cell means that label was not run on that protocol.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("md", "latex", "csv")
+_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv"}
+_REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_seen",
+             "avg_incremental_accuracy", "last_accuracy")
+# Numeric summary fields aggregated over seeds (mean and std) in the CSV table.
+NUMERIC = ("avg_incremental_accuracy", "last_accuracy", "average_forgetting", "bwt",
+           "avalanche_forgetting", "wall_time_s", "train_time_s", "eval_time_s",
+           "trainable_params", "memory_exemplars", "memory_bytes")
+# Display columns of the paper table, per protocol.
+COLUMNS = ("Avg (%)", "Last (%)", "Forgetting (%)", "Seeds", "Wall time", "Params", "Exemplars")
+_SEED_DIR = re.compile(r"seed\d+$")
+
+
+# ---------------------------------------------------------------- collecting runs
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"cannot read run summary {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"run summary {path} is not a JSON object")
+    missing = [k for k in _REQUIRED if data.get(k) is None]
+    if not (data.get("label") or data.get("method")):
+        missing.append("label")
+    if missing:
+        raise HarnessError(f"run summary {path} lacks {', '.join(missing)}")
+    data["label"] = str(data.get("label") or data.get("method"))
+    data["method"] = str(data.get("method") or data["label"])
+    if data.get("per_task_forgetting") is None:  # older summaries: derive it
+        from harness.metrics import per_task_forgetting  # lazy: imports Avalanche (slow)
+        try:
+            data["per_task_forgetting"] = per_task_forgetting(data["accuracy_matrix"])
+        except (ValueError, TypeError) as exc:
+            raise HarnessError(f"run summary {path}: bad accuracy_matrix ({exc})") from None
+    data["path"] = str(path)
+    return data
+
+
+def _is_unfinished(d: Path) -> bool:
+    # A run folder the runner started (seed<k>/, or one holding its other files)
+    # but has not finished: summary.json is written last.
+    return (not (d / "summary.json").exists()
+            and (bool(_SEED_DIR.match(d.name)) or (d / "config.json").exists()
+                 or (d / "metrics.csv").exists()))
+
+
+def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per finished run (a summary.json) found recursively under `dirs`.
+
+    Columns are the summary's keys plus "path". Unfinished runs are skipped; their
+    folders are listed in `runs.attrs["skipped"]` (and logged).
+    """
+    if not dirs:
+        raise HarnessError("no results folder given")
+    paths: dict[Path, None] = {}  # ordered set: the same run reached twice counts once
+    skipped: set[Path] = set()
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise HarnessError(f"results folder {d} does not exist")
+        found = sorted(d.rglob("summary.json"))
+        unfinished = {p for p in [d, *d.rglob("*")] if p.is_dir() and _is_unfinished(p)}
+        if not found:
+            extra = f" ({len(unfinished)} unfinished skipped)" if unfinished else ""
+            raise HarnessError(f"no finished run (summary.json) under {d}{extra}")
+        paths.update(dict.fromkeys(p.resolve() for p in found))
+        skipped |= {p.resolve() for p in unfinished}
+    rows = [_load(p) for p in paths]
+    runs = pd.DataFrame(rows)
+    dup = runs[runs.duplicated(["protocol", "label", "seed"], keep=False)]
+    if not dup.empty:
+        r = dup.iloc[0]
+        others = ", ".join(dup[(dup.protocol == r.protocol) & (dup.label == r.label)
+                               & (dup.seed == r.seed)].path)
+        raise HarnessError(f"run {r.protocol}/{r.label}/seed{r.seed} found twice: {others}")
+    runs = runs.sort_values(["protocol", "label", "seed"], kind="stable").reset_index(drop=True)
+    for k in NUMERIC:  # None (undefined, or absent from an older summary) -> NaN
+        runs[k] = pd.to_numeric(runs[k], errors="coerce") if k in runs else np.nan
+    runs.attrs["skipped"] = sorted(map(str, skipped))
+    if skipped:
+        log.warning("skipped %d unfinished run(s) without summary.json", len(skipped))
+    return runs
+
+
+# ---------------------------------------------------------------- tables
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Machine-readable table: one row per (protocol, label), `<field>_mean` and
+    `<field>_std` (ddof=1; NaN with one seed) for every numeric summary field."""
+    out = []
+    for (protocol, label), g in runs.groupby(["protocol", "label"], sort=True):
+        row = {"protocol": protocol, "label": label, "method": g["method"].iloc[0],
+               "n_seeds": len(g), "seeds": " ".join(map(str, sorted(g["seed"])))}
+        for k in NUMERIC:
+            row[f"{k}_mean"] = g[k].mean()
+            row[f"{k}_std"] = g[k].std(ddof=1)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.1f}" if n < 2 or math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _duration(s: float) -> str:
+    if math.isnan(s):
+        return "–"
+    if s < 60:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
+
+
+def _count(n: float) -> str:
+    if math.isnan(n):
+        return "–"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _memory(exemplars: float, nbytes: float) -> str:
+    if math.isnan(exemplars):
+        return "–"
+    if exemplars == 0 or math.isnan(nbytes):
+        return f"{exemplars:,.0f}"
+    return f"{exemplars:,.0f} ({nbytes / 1e6:.1f} MB)"  # MB = 10^6 bytes
+
+
+def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Display table: index = label, columns = (protocol, one of COLUMNS), strings."""
+    s = summary_table(runs)
+    cells = {}
+    for r in s.itertuples(index=False):
+        n = r.n_seeds
+        cells[(r.protocol, r.label)] = (
+            _pm(r.avg_incremental_accuracy_mean, r.avg_incremental_accuracy_std, n),
+            _pm(r.last_accuracy_mean, r.last_accuracy_std, n),
+            _pm(r.average_forgetting_mean, r.average_forgetting_std, n),
+            str(n), _duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
+            _memory(r.memory_exemplars_mean, r.memory_bytes_mean))
+    protocols = sorted(s.protocol.unique())
+    labels = sorted(s.label.unique())
+    columns = pd.MultiIndex.from_product([protocols, COLUMNS], names=["protocol", ""])
+    data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(COLUMNS))]
+            for lab in labels]
+    return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
+
+
+def _markdown(t: pd.DataFrame) -> str:
+    # Hand-written (no tabulate dependency); with several protocols each header
+    # cell names its protocol, as Markdown has no multi-row headers.
+    several = t.columns.get_level_values(0).nunique() > 1
+    head = ["Method"] + [f"{p} {c}" if several else c for p, c in t.columns]
+    rows = [[str(i)] + list(r) for i, r in zip(t.index, t.to_numpy())]
+    esc = lambda x: x.replace("|", r"\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+        "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+        "±": r"$\pm$", "–": "--"}
+
+
+def _tex(x: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in x)
+
+
+def _latex(t: pd.DataFrame) -> str:
+    # booktabs table with one column group per protocol, ready for \input{table.tex}.
+    protocols = list(dict.fromkeys(t.columns.get_level_values(0)))
+    k = len(COLUMNS)
+    lines = [r"\begin{tabular}{l" + ("r" * k) * len(protocols) + "}", r"\toprule"]
+    lines.append(" & ".join([""] + [rf"\multicolumn{{{k}}}{{c}}{{{_tex(p)}}}" for p in protocols]) + r" \\")
+    lines.append(" ".join(rf"\cmidrule(lr){{{2 + j * k}-{1 + (j + 1) * k}}}" for j in range(len(protocols))))
+    lines.append(" & ".join(["Method"] + [_tex(c) for _, c in t.columns]) + r" \\")
+    lines.append(r"\midrule")
+    lines += [" & ".join(map(_tex, [str(i), *r])) + r" \\" for i, r in zip(t.index, t.to_numpy())]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def render(runs: pd.DataFrame, fmt: str) -> str:
+    """The report as text: "md" / "latex" (paper table) or "csv" (summary_table)."""
+    if fmt == "md":
+        return _markdown(paper_table(runs))
+    if fmt == "latex":
+        return _latex(paper_table(runs))
+    if fmt == "csv":
+        return summary_table(runs).to_csv(index=False)
+    raise HarnessError(f"unknown report format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def write_report(runs: pd.DataFrame, out_dir: str | Path,
+                 formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write table.md / table.tex / table.csv (atomically) to out_dir; returns the paths."""
+    texts = {f: render(runs, f) for f in formats}  # render all first: fail before writing
+    paths = []
+    for fmt, text in texts.items():
+        path = Path(out_dir) / _FILES[fmt]
+        atomic_write_text(path, text)
+        paths.append(path)
+    return paths

@@ -1,0 +1,181 @@
+"""The run loop: one (method, protocol, seed) run per RunSpec, handed to an executor.
+
+A run: prepare the protocol's data -> Avalanche stream -> for each experience,
+method.learn() then the harness's evaluation on every seen task -> metrics.csv
+after each task, summary.json at the end. Runs are independent, so a sweep is a
+list of RunSpecs that any executor (sequential, a process pool, later Ray or a
+cluster scheduler) can take.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness import data as data_mod
+from harness import metrics, results
+from harness.evaluation import Evaluator
+from harness.method import MethodContext
+from harness.params import resolve_params
+from harness.protocol import get_protocol
+from harness.registry import METHODS, discover
+from harness.streams import build_benchmark
+
+log = logging.getLogger("harness")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    protocol: str
+    seed: int
+    out: str
+    device: str = "cpu"
+    overrides: tuple[tuple[str | None, str, str], ...] = ()
+    epochs: int | None = None
+    max_train_per_class: int | None = None
+    data_root: str | None = None
+    download: bool = False
+    force: bool = False
+    quiet: bool = False
+    plugins: tuple[str, ...] = ()
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    status: str  # "done" or "skipped"
+    path: str
+    label: str
+    protocol_dir: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from harness.errors import HarnessError
+
+        raise HarnessError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@lru_cache(maxsize=4)
+def _prepared(protocol_name: str, data_root: str | None, download: bool, max_train_per_class: int | None):
+    # Several methods and seeds in one process share the prepared protocol data.
+    return data_mod.prepare(get_protocol(protocol_name), data_root, download, max_train_per_class)
+
+
+def plan_label(spec: RunSpec) -> tuple[str, str, dict, dict]:
+    """(label, protocol dir, resolved params, changed params) without running anything."""
+    cls = METHODS.get(spec.method)
+    protocol = get_protocol(spec.protocol)
+    hp, changed = resolve_params(cls, protocol.family, spec.overrides, {"epochs": spec.epochs})
+    return (
+        results.run_label(spec.method, changed),
+        results.protocol_dirname(spec.protocol, spec.max_train_per_class),
+        hp,
+        changed,
+    )
+
+
+def execute(spec: RunSpec) -> RunOutcome:
+    discover(spec.plugins)
+    label, protocol_dir, hp, changed = plan_label(spec)
+    path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
+    if results.is_finished(path) and not spec.force:
+        return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
+
+    protocol = get_protocol(spec.protocol)
+    device = resolve_device(spec.device)
+    data = _prepared(spec.protocol, spec.data_root, spec.download, spec.max_train_per_class)
+    seed_everything(spec.seed)
+    benchmark = build_benchmark(data)
+    cls = METHODS.get(spec.method)
+    context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet)
+    method = cls(context=context, hp=hp)
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
+    results.write_config(path, {
+        "protocol": protocol_dir, "protocol_spec": protocol.to_dict(), "method": spec.method, "label": label,
+        "seed": spec.seed, "params": hp, "changed_params": changed, "device": str(device),
+        "max_train_per_class": spec.max_train_per_class, "class_names": data.class_names,
+        "train_samples": len(data.train), "test_samples": len(data.test),
+        "command": " ".join(sys.argv), "environment": results.environment(),
+    })
+
+    evaluator = Evaluator(benchmark.test_stream, data.in_memory)
+    matrix, step_acc, rows = [], [], []
+    classes_seen, train_time, eval_time = 0, 0.0, 0.0
+    start = time.perf_counter()
+    tasks = tqdm(benchmark.train_stream, desc=f"{label} seed {spec.seed}", disable=spec.quiet, file=sys.stderr,
+                 dynamic_ncols=True)
+    for step, experience in enumerate(tasks):
+        classes_seen += len(experience.classes_in_this_experience)
+        t0 = time.perf_counter()
+        method.learn(experience)
+        t1 = time.perf_counter()
+        row, seen_acc, sizes = evaluator.evaluate(method, step, classes_seen)
+        t2 = time.perf_counter()
+        train_time += t1 - t0
+        eval_time += t2 - t1
+        matrix.append(row)
+        step_acc.append(seen_acc)
+        timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
+        rows += [
+            {"step": step, "classes_seen": classes_seen, "scope": "task", "eval_task": i, "n_samples": n,
+             "accuracy": round(acc, 4), **timing}
+            for i, (acc, n) in enumerate(zip(row, sizes))
+        ]
+        rows.append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "", "n_samples": sum(sizes),
+                     "accuracy": round(seen_acc, 4), **timing})
+        results.write_metrics(path, rows)
+        tasks.set_postfix(acc=f"{seen_acc:.1f}%")
+        if spec.quiet is False:
+            tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
+                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
+    tasks.close()
+
+    exemplars, memory_bytes = method.memory_usage()
+    summary = {
+        "protocol": protocol_dir, "method": spec.method, "label": label, "seed": spec.seed,
+        "num_tasks": protocol.num_tasks, "classes_per_task": protocol.classes_per_task(),
+        "classes_seen": list(np.cumsum(protocol.classes_per_task()).tolist()),
+        **metrics.summarise(matrix, step_acc),
+        "wall_time_s": time.perf_counter() - start, "train_time_s": train_time, "eval_time_s": eval_time,
+        "trainable_params": method.trainable_parameters(),
+        "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes),
+    }
+    results.write_summary(path, summary)
+    return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
+
+
+def run_all(specs: Sequence[RunSpec], workers: int = 1) -> list[RunOutcome]:
+    """Execute runs sequentially, or in a pool of processes when workers > 1."""
+    if workers <= 1:
+        return [execute(s) for s in specs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(execute, specs))
+
+
+def spec_dict(spec: RunSpec) -> dict[str, Any]:
+    return asdict(spec)

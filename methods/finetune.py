@@ -1,0 +1,11 @@
+"""Fine-tuning (Avalanche's Naive): train on each task's data only; the lower bound."""
+from harness.method import TRAINING_PARAMS, CILMethod
+from harness.recipes import SUPERVISED_RECIPES
+from harness.registry import register_method
+
+
+@register_method("finetune")
+class Finetune(CILMethod):
+    description = "fine-tune on each new task only (lower bound)"
+    params = dict(TRAINING_PARAMS)
+    protocol_defaults = SUPERVISED_RECIPES

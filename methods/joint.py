@@ -1,0 +1,23 @@
+"""Joint training: at every task, train on all data seen so far; the upper bound."""
+from avalanche.benchmarks.utils import concat_datasets
+
+from harness.method import TRAINING_PARAMS, CILMethod
+from harness.recipes import SUPERVISED_RECIPES
+from harness.registry import register_method
+
+
+@register_method("joint")
+class Joint(CILMethod):
+    description = "train on all data seen so far (upper bound)"
+    params = dict(TRAINING_PARAMS)
+    protocol_defaults = SUPERVISED_RECIPES
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen_data = None
+
+    def train_dataset_adaptation(self, **kwargs):
+        # As Avalanche's Cumulative strategy: concatenate every experience so far.
+        data = self.experience.dataset
+        self.seen_data = data if self.seen_data is None else concat_datasets([self.seen_data, data])
+        self.adapted_dataset = self.seen_data.train()

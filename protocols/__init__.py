@@ -1,0 +1,1 @@
+"""Protocol definitions and dataset loaders; every module here registers itself."""
