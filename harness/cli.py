@@ -41,8 +41,8 @@ def _seed(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description="Class-incremental learning benchmarks.")
-    parser.add_argument("--plugins", nargs="+", default=[], metavar="PATH",
-                        help="extra method/protocol files or folders to import")
+    parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
+                        help="a method/protocol file or folder to import (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train methods through a protocol; writes results, table and figures")
@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun finished runs (their results are replaced)")
     run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
-    run.add_argument("--plugins", nargs="+", default=[], metavar="PATH", dest="run_plugins",
-                     help=argparse.SUPPRESS)
+    run.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
+                     help="a method/protocol file or folder to import (repeatable)")
 
     ls = sub.add_parser("list", help="methods, protocols and which data is present")
     ls.add_argument("--data-root", metavar="DIR")
@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
     table_dir = Path(args.out) / protocol_dir
     runs = collect_runs([table_dir])
     written = write_report(runs, table_dir) + write_figures(runs, table_dir / "plots")
-    print(render(runs, "md"))
+    print(render(runs, "md"), end="")
     _say(args.quiet, f"\nresults: {table_dir}")
     _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
     return 0
@@ -149,7 +149,7 @@ def cmd_list(args) -> int:
 def cmd_report(args) -> int:
     from harness.report import collect_runs, render
 
-    print(render(collect_runs([Path(d) for d in args.dirs]), args.format))
+    print(render(collect_runs([Path(d) for d in args.dirs]), args.format), end="")
     return 0
 
 

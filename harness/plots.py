@@ -80,7 +80,8 @@ def _forgetting(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure:
          for r in g.itertuples() for i, f in enumerate(r.per_task_forgetting)])
     labels = sorted(g.label.unique())
     T = int(tidy.task.max())
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * T * len(labels) + 2), 4.4), layout="constrained")
+    width = min(max(6.4, 0.2 * T * len(labels) + 3), 14)  # room for every bar, within reason
+    fig, ax = plt.subplots(figsize=(width, 4.4), layout="constrained")
     sns.barplot(data=tidy, x="task", y="f", hue="label", hue_order=labels, palette=palette,
                 errorbar="sd", capsize=0.15, err_kws={"linewidth": 1}, ax=ax)
     ax.set(xlabel="Task", ylabel="Forgetting after the last task (%)",
@@ -108,7 +109,7 @@ def _matrix(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
     annot = T <= _ANNOTATE_MAX_TASKS
     sns.heatmap(mean, mask=np.triu(np.ones((T, T), bool), k=1), vmin=0, vmax=100,
                 cmap="viridis", square=True, annot=annot, fmt=".1f" if T <= 8 else ".0f",
-                annot_kws={"fontsize": 9 if T <= 8 else 7}, xticklabels=ticks,
+                annot_kws={"fontsize": 10 if T <= 10 else 8}, xticklabels=ticks,
                 yticklabels=ticks, cbar_kws={"label": "Accuracy (%)"}, ax=ax)
     n = len(mats)
     ax.set(xlabel="Evaluated on task i", ylabel="After training task t",

@@ -202,8 +202,10 @@ def _latex(t: pd.DataFrame) -> str:
     protocols = list(dict.fromkeys(t.columns.get_level_values(0)))
     k = len(COLUMNS)
     lines = [r"\begin{tabular}{l" + ("r" * k) * len(protocols) + "}", r"\toprule"]
-    lines.append(" & ".join([""] + [rf"\multicolumn{{{k}}}{{c}}{{{_tex(p)}}}" for p in protocols]) + r" \\")
-    lines.append(" ".join(rf"\cmidrule(lr){{{2 + j * k}-{1 + (j + 1) * k}}}" for j in range(len(protocols))))
+    groups = [rf"\multicolumn{{{k}}}{{c}}{{{_tex(p)}}}" for p in protocols]
+    lines.append(" & ".join(["", *groups]) + r" \\")
+    lines.append(" ".join(rf"\cmidrule(lr){{{2 + j * k}-{1 + (j + 1) * k}}}"
+                          for j in range(len(protocols))))
     lines.append(" & ".join(["Method"] + [_tex(c) for _, c in t.columns]) + r" \\")
     lines.append(r"\midrule")
     lines += [" & ".join(map(_tex, [str(i), *r])) + r" \\" for i, r in zip(t.index, t.to_numpy())]

@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install, then run the embedded offline default (QuickDraw) and print the table
+#   make test   install, then run the test suite (CPU only)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test bench clean-results
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.14.1 / torchvision 0.29.1: the releases the project is tested with
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[test]"
+	# 20 real ImageNet photos that check the pretrained weights (its own deps are not needed)
+	$(PIP) install -q --no-deps "foolbox==3.3.4"
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m harness run $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/overhead.py
