@@ -146,5 +146,17 @@ class CILMethod(SupervisedTemplate):
     def memory_usage(self) -> tuple[int, int]:
         return 0, 0
 
+    # ---- checkpoints: state beyond the model and optimizer --------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Method state to checkpoint after a task (exemplars, old model, class means...).
+
+        Tensors, numbers, strings and lists/dicts of them only: checkpoints are read
+        back with torch.load(weights_only=True).
+        """
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of extra_state()."""
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -16,6 +16,8 @@ class EpochProgress(SupervisedPlugin):
         self.bar = None
 
     def before_training_epoch(self, strategy, **kwargs):
+        if self.disable:
+            return
         total = len(strategy.dataloader) if hasattr(strategy.dataloader, "__len__") else None
         desc = f"  epoch {strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs}"
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=self.disable, file=sys.stderr, dynamic_ncols=True)
@@ -24,7 +26,7 @@ class EpochProgress(SupervisedPlugin):
         if self.bar is not None:
             self.bar.update(1)
             if self.bar.n % 10 == 0:
-                self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+                self.bar.set_postfix(loss=f"{strategy.loss.detach().item():.3f}", refresh=False)
 
     def after_training_epoch(self, strategy, **kwargs):
         if self.bar is not None:

@@ -1,0 +1,33 @@
+"""Distillation losses shared by rehearsal and regularisation methods."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with no gradients: the 'previous model' of KD methods."""
+    old = copy.deepcopy(model).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
+
+
+def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton et al.'s KD on the teacher's classes: KL(teacher_T || student_T) * T^2, batch mean."""
+    t = temperature
+    n = teacher_logits.shape[1]
+    log_p = F.log_softmax(student_logits[:, :n] / t, dim=1)
+    q = F.softmax(teacher_logits / t, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+def sigmoid_distillation_targets(new_targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """iCaRL's BCE targets: the old model's sigmoid outputs for old classes, one-hot for new ones."""
+    targets = new_targets.clone()
+    n_old = teacher_logits.shape[1]
+    targets[:, :n_old] = torch.sigmoid(teacher_logits)
+    return targets
