@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", metavar="DIR", help="where datasets live (default $CIL_DATA or ~/.cache/cil-harness/data)")
     run.add_argument("--download", action="store_true", help="download missing datasets where the network allows")
     run.add_argument("--force", action="store_true", help="rerun finished runs (their results are replaced)")
+    run.add_argument("--restart", action="store_true",
+                     help="start unfinished runs over instead of resuming from their checkpoint")
     run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     run.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
@@ -103,7 +106,7 @@ def cmd_run(args) -> int:
     specs = [
         RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
-                data_root=args.data_root, download=args.download, force=args.force,
+                data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
                 quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins))
         for m in methods for s in args.seeds
     ]
@@ -163,8 +166,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # a pre-empted job (SIGTERM) stops like Ctrl-C
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         from harness.registry import discover
 
@@ -174,5 +183,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: every finished task is checkpointed; the same command resumes", file=sys.stderr)
         return 130

@@ -31,3 +31,21 @@ def sigmoid_distillation_targets(new_targets: torch.Tensor, teacher_logits: torc
     n_old = teacher_logits.shape[1]
     targets[:, :n_old] = torch.sigmoid(teacher_logits)
     return targets
+
+
+def sigmoid_distillation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None, per_class: str = "sum"
+) -> torch.Tensor:
+    """iCaRL's loss: binary cross-entropy on every output, one-hot targets for the labels,
+    the teacher's sigmoid outputs as targets for its (old) classes.
+
+    per_class="sum" sums over classes (mean over the batch), so each output gets a
+    gradient of the size cross-entropy gives it; "mean" averages over classes as
+    PyCIL and Avalanche do, which shrinks every gradient by the number of classes
+    (the original iCaRL made up for it with learning rate 2.0).
+    """
+    targets = F.one_hot(labels, logits.shape[1]).float()
+    if teacher_logits is not None:
+        targets = sigmoid_distillation_targets(targets, teacher_logits)
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.sum(1).mean() if per_class == "sum" else loss.mean()

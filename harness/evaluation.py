@@ -27,7 +27,8 @@ class Evaluator:
             x, y = self._cache[task]
             yield from zip(x.split(self.batch_size), y.split(self.batch_size))
         else:
-            for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=2):
+            for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=2,
+                                    generator=torch.Generator().manual_seed(0)):
                 yield batch[0], torch.as_tensor(batch[1])
 
     def evaluate(self, method, step: int, classes_seen: int) -> tuple[list[float], float, list[int]]:

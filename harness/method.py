@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.plugins import LRSchedulerPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
@@ -80,7 +81,10 @@ class TensorBatches:
 def materialise(dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """All (x, y) of a dataset as two tensors, read once through its own loader."""
     xs, ys = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    # Its own generator: a DataLoader draws a seed when iterated, and reading data must not
+    # move the global RNG (a resumed run reads test sets at other moments than a straight one).
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
+    for batch in loader:
         xs.append(batch[0])
         ys.append(torch.as_tensor(batch[1]))
     return torch.cat(xs), torch.cat(ys).long()
@@ -146,7 +150,31 @@ class CILMethod(SupervisedTemplate):
     def memory_usage(self) -> tuple[int, int]:
         return 0, 0
 
-    # ---- checkpoints: state beyond the model and optimizer --------------------------
+    # ---- checkpoints ------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": self.extra_state()}
+
+    def restore(self, state: dict[str, Any], past_experiences: list) -> None:
+        """Return to the state saved after training `past_experiences` (a resumed run).
+
+        Model growth and Avalanche's optimizer bookkeeping are replayed the way
+        training did them (one optimizer update before any adaptation, one after),
+        so parameters sit in the same optimizer slots; then the saved values load.
+        """
+        self.make_optimizer(reset_optimizer_state=True)
+        self.model.train()
+        for experience in past_experiences:
+            avalanche_model_adaptation(self.model, experience)
+        self.model.to(self.device)
+        self.make_optimizer(reset_optimizer_state=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.on_resume(past_experiences)
+        self.load_extra_state(state["extra"])
+
+    def on_resume(self, past_experiences: list) -> None:
+        """Rebuild state that is derived from past data rather than saved (see methods/joint.py)."""
+
     def extra_state(self) -> dict[str, Any]:
         """Method state to checkpoint after a task (exemplars, old model, class means...).
 

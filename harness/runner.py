@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
-from harness import metrics, results
+from harness import checkpoint, metrics, results
+from harness.errors import HarnessError
 from harness.evaluation import Evaluator
 from harness.method import MethodContext
 from harness.params import resolve_params
@@ -48,6 +49,7 @@ class RunSpec:
     data_root: str | None = None
     download: bool = False
     force: bool = False
+    restart: bool = False  # ignore an existing checkpoint and start the run over
     quiet: bool = False
     plugins: tuple[str, ...] = ()
 
@@ -66,8 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from harness.errors import HarnessError
-
         raise HarnessError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     return torch.device(name)
 
@@ -107,6 +107,16 @@ def execute(spec: RunSpec) -> RunOutcome:
     protocol = get_protocol(spec.protocol)
     device = resolve_device(spec.device)
     data = _prepared(spec.protocol, spec.data_root, spec.download, spec.max_train_per_class)
+    identity = {"method": spec.method, "label": label, "params": hp, "protocol": protocol.to_dict(),
+                "seed": spec.seed, "max_train_per_class": spec.max_train_per_class}
+    ckpt_path = path / checkpoint.FILENAME
+    saved = None
+    if ckpt_path.exists() and not (spec.force or spec.restart):
+        saved = checkpoint.load(ckpt_path)
+        if saved["fingerprint"] != checkpoint.fingerprint(identity):
+            raise HarnessError(f"checkpoint {ckpt_path} was written by a different configuration of this run; "
+                               "--restart starts it over")
+
     seed_everything(spec.seed)
     benchmark = build_benchmark(data)
     cls = METHODS.get(spec.method)
@@ -115,42 +125,58 @@ def execute(spec: RunSpec) -> RunOutcome:
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
-    results.write_config(path, {
-        "protocol": protocol_dir, "protocol_spec": protocol.to_dict(), "method": spec.method, "label": label,
-        "seed": spec.seed, "params": hp, "changed_params": changed, "device": str(device),
-        "max_train_per_class": spec.max_train_per_class, "class_names": data.class_names,
-        "train_samples": len(data.train), "test_samples": len(data.test),
-        "command": " ".join(sys.argv), "environment": results.environment(),
-    })
+    progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
+                "wall_time_s": 0.0}
+    first_step = 0
+    if saved is not None:
+        first_step = saved["step"] + 1
+        method.restore(saved["method"], list(benchmark.train_stream)[:first_step])
+        progress = saved["progress"]
+        checkpoint.set_rng_state(saved["rng"])
+        _say(spec, f"{label} seed {spec.seed}: resuming after task {first_step}/{protocol.num_tasks} from {ckpt_path}")
+    else:
+        results.write_config(path, {
+            **identity, "protocol": protocol_dir, "protocol_spec": protocol.to_dict(), "changed_params": changed,
+            "device": str(device), "class_names": data.class_names, "train_samples": len(data.train),
+            "test_samples": len(data.test), "command": " ".join(sys.argv), "environment": results.environment(),
+        })
 
     evaluator = Evaluator(benchmark.test_stream, data.in_memory)
-    matrix, step_acc, rows = [], [], []
-    classes_seen, train_time, eval_time = 0, 0.0, 0.0
+    classes_seen = sum(protocol.classes_per_task()[:first_step])
+    wall_before = progress["wall_time_s"]
     start = time.perf_counter()
-    tasks = tqdm(benchmark.train_stream, desc=f"{label} seed {spec.seed}", disable=spec.quiet, file=sys.stderr,
-                 dynamic_ncols=True)
-    for step, experience in enumerate(tasks):
+    tasks = tqdm(total=protocol.num_tasks, initial=first_step, desc=f"{label} seed {spec.seed}", disable=spec.quiet,
+                 file=sys.stderr, dynamic_ncols=True)
+    for step, experience in enumerate(benchmark.train_stream):
+        if step < first_step:
+            continue
         classes_seen += len(experience.classes_in_this_experience)
         t0 = time.perf_counter()
         method.learn(experience)
         t1 = time.perf_counter()
         row, seen_acc, sizes = evaluator.evaluate(method, step, classes_seen)
         t2 = time.perf_counter()
-        train_time += t1 - t0
-        eval_time += t2 - t1
-        matrix.append(row)
-        step_acc.append(seen_acc)
+        progress["train_time_s"] += t1 - t0
+        progress["eval_time_s"] += t2 - t1
+        progress["wall_time_s"] = wall_before + (t2 - start)
+        progress["matrix"].append(row)
+        progress["step_accuracy"].append(seen_acc)
         timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
-        rows += [
+        progress["rows"] += [
             {"step": step, "classes_seen": classes_seen, "scope": "task", "eval_task": i, "n_samples": n,
              "accuracy": round(acc, 4), **timing}
             for i, (acc, n) in enumerate(zip(row, sizes))
         ]
-        rows.append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "", "n_samples": sum(sizes),
-                     "accuracy": round(seen_acc, 4), **timing})
-        results.write_metrics(path, rows)
+        progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "",
+                                 "n_samples": sum(sizes), "accuracy": round(seen_acc, 4), **timing})
+        results.write_metrics(path, progress["rows"])
+        # Saved after evaluation: the RNG state is the one the next task starts from.
+        checkpoint.save(ckpt_path, {"fingerprint": checkpoint.fingerprint(identity), "step": step,
+                                    "method": method.checkpoint_state(), "progress": progress,
+                                    "rng": checkpoint.rng_state()})
+        tasks.update(1)
         tasks.set_postfix(acc=f"{seen_acc:.1f}%")
-        if spec.quiet is False:
+        if not spec.quiet:
             tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
                         f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
     tasks.close()
@@ -160,13 +186,18 @@ def execute(spec: RunSpec) -> RunOutcome:
         "protocol": protocol_dir, "method": spec.method, "label": label, "seed": spec.seed,
         "num_tasks": protocol.num_tasks, "classes_per_task": protocol.classes_per_task(),
         "classes_seen": list(np.cumsum(protocol.classes_per_task()).tolist()),
-        **metrics.summarise(matrix, step_acc),
-        "wall_time_s": time.perf_counter() - start, "train_time_s": train_time, "eval_time_s": eval_time,
-        "trainable_params": method.trainable_parameters(),
-        "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes),
+        **metrics.summarise(progress["matrix"], progress["step_accuracy"]),
+        "wall_time_s": progress["wall_time_s"], "train_time_s": progress["train_time_s"],
+        "eval_time_s": progress["eval_time_s"], "trainable_params": method.trainable_parameters(),
+        "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes), "resumed": saved is not None,
     }
     results.write_summary(path, summary)
     return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
+
+
+def _say(spec: RunSpec, text: str) -> None:
+    if not spec.quiet:
+        print(text, file=sys.stderr, flush=True)
 
 
 def run_all(specs: Sequence[RunSpec], workers: int = 1) -> list[RunOutcome]:

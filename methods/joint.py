@@ -21,3 +21,6 @@ class Joint(CILMethod):
         data = self.experience.dataset
         self.seen_data = data if self.seen_data is None else concat_datasets([self.seen_data, data])
         self.adapted_dataset = self.seen_data.train()
+
+    def on_resume(self, past_experiences):
+        self.seen_data = concat_datasets([e.dataset for e in past_experiences])

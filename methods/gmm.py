@@ -1,0 +1,214 @@
+"""GMM: Generative Multi-modal Models are Good Class-Incremental Learners (Cao et al., CVPR 2024).
+
+A vision-language model writes the label: every training image becomes (image,
+"This is a <noun> of a <class>.") after the question "What is this <noun> of?"; only
+the projection from the frozen image encoder into the frozen language model trains
+(cross-entropy on the answer tokens). To predict, the model answers greedily, the
+template is stripped and the class text is embedded with f_text; cosine similarity to
+f_text of every seen class name is the score vector, so the harness evaluates GMM like
+any other method. No classifier grows.
+
+Options beyond the paper, each its own table row via --set (see the issue's measurements:
+without replay the projection drifts toward the newest task in text space):
+  gmm.memory=N            class-balanced random exemplars (images), replayed with their answers
+  gmm.feature_replay=true exemplar-free: stored encoder tokens (or per-class Gaussian
+                          statistics) of old classes replayed; the encoder is frozen, so
+                          they stay valid; memory reported in bytes
+  gmm.lora_r=R            LoRA on the language model's q/v projections (peft)
+
+Avalanche template pieces overridden: the dataloader yields cached encoder tokens (plus
+replay) instead of images, forward() returns the language-model loss and criterion()
+passes it through; the optimizer holds only the trainable parameters and is reset per task.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from harness.method import CILMethod, TensorBatches
+from harness.params import Param
+from harness.registry import register_method
+from harness.vlm import answer_sentence, build_stack, feature_cache, text_scores
+
+
+@register_method("gmm")
+class GMM(CILMethod):
+    description = "generative multimodal model: a VLM writes the class name, f_text maps it to a class"
+    params = {
+        "epochs": Param(2, "epochs per task", low=1),
+        "batch_size": Param(16, "training mini-batch size", low=1),
+        "lr": Param(1e-3, "AdamW learning rate (the paper: 3e-6 from MiniGPT-4's aligned projection)", low=0.0),
+        "weight_decay": Param(0.05, "AdamW weight decay", low=0.0),
+        "lr_schedule": Param("none", "per-task learning-rate schedule", choices=("none", "cosine")),
+        "model": Param("offline", "vision-language stack", choices=("offline", "tiny", "hf_llava")),
+        "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers LLaVA model for model=hf_llava"),
+        "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
+        "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
+        "lora_r": Param(0, "LoRA rank on the LM (0 = off, as in the paper)", low=0),
+        "max_new_tokens": Param(16, "generation limit per answer", low=1),
+        "eval_batch_size": Param(64, "images per generation batch", low=1),
+        "memory": Param(0, "exemplar images kept in total, class-balanced (0 = none, as in the paper)", low=0),
+        "feature_replay": Param(False, "replay stored encoder features of old classes (exemplar-free)"),
+        "replay_kind": Param("samples", "feature replay: stored vectors or per-class Gaussian", choices=("samples", "gaussian")),
+        "replay_per_class": Param(20, "feature vectors stored (or sampled) per old class", low=1),
+        "feature_cache": Param("memory", "encoder features cached in memory or also on disk", choices=("memory", "disk")),
+    }
+
+    def __init__(self, *, context, hp, plugins=()):
+        self.n_seen = 0
+        self.exemplars: dict[int, torch.Tensor] = {}  # class -> uint8 images
+        self.stored_feats: dict[int, torch.Tensor] = {}  # class -> float16 encoder tokens
+        self.feat_stats: dict[int, torch.Tensor] = {}  # class -> (2, N, D) float32 mean and std
+        super().__init__(context=context, hp=hp, plugins=plugins)
+        self.cache = feature_cache(self.model.encoder_id, hp["feature_cache"] == "disk")
+        if hp["feature_cache"] == "disk":
+            atexit.register(self.cache.save)
+
+    # ---- model and optimizer ---------------------------------------------------------
+    def build_model(self):
+        p, hp = self.context.protocol, self.hp
+        vlm = build_stack(hp["model"], in_channels=p.channels, visual_tokens=hp["visual_tokens"],
+                          image_size=hp["image_size"], hf_name=hp["hf_name"])
+        if hp["lora_r"]:
+            vlm.add_lora(hp["lora_r"])
+        vlm.set_question(f"What is this {p.noun} of?")
+        self.answers = vlm.answer_ids([answer_sentence(p.noun, c) for c in self.context.class_names])
+        self.class_embeddings = vlm.text_encoder(self.context.class_names)
+        return vlm
+
+    def build_optimizer(self, model):
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+
+    def make_optimizer(self, **kwargs):
+        # Avalanche would add every model parameter (135M frozen ones included) to the
+        # optimizer; ours holds the trainable ones only. A new task starts from fresh moments.
+        self.optimizer.state.clear()
+
+    def _amp(self):
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- features of the frozen encoder, cached per image ----------------------------
+    @torch.no_grad()
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.model.encoder.eval()
+        dev = next(enc.parameters()).device
+        with self._amp():
+            return enc(x.to(dev)).float()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cache.get(x, self._encode)
+
+    def _dataset_features(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, ys = [], []
+        loader = DataLoader(dataset, batch_size=256, shuffle=False)
+        for batch in tqdm(loader, desc="encoder features", leave=False, disable=self.context.quiet):
+            feats.append(self.features(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+        return torch.cat(feats), torch.cat(ys).long()
+
+    # ---- training --------------------------------------------------------------------
+    def make_train_dataloader(self, **kwargs):
+        x, y = self._dataset_features(self.adapted_dataset)
+        self._current = (x, y)
+        rx, ry = self._replay_set()
+        if len(ry):
+            x, y = torch.cat([x, rx.to(x.dtype)]), torch.cat([y, ry])
+        self.train_size = len(y)  # Avalanche drops the dataloader after training; tests read this
+        self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True)
+
+    def _replay_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for c, imgs in self.exemplars.items():
+            xs.append(self.features(imgs.float() / 255))
+            ys.append(torch.full((len(imgs),), c))
+        for c, f in self.stored_feats.items():
+            xs.append(f)
+            ys.append(torch.full((len(f),), c))
+        for c, stats in self.feat_stats.items():
+            n = self.hp["replay_per_class"]
+            xs.append((stats[0] + stats[1] * torch.randn(n, *stats.shape[1:])).half())
+            ys.append(torch.full((n,), c))
+        if not ys:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return torch.cat(xs), torch.cat(ys).long()
+
+    def forward(self):
+        answers = self.answers[self.mb_y.cpu()]
+        answers = answers[:, : int((answers >= 0).sum(1).max())].to(self.device)  # trim shared padding
+        with self._amp():
+            return self.model.loss(self.mb_x, answers)
+
+    def criterion(self):
+        return self.mb_output  # forward() already returns the answer-token cross-entropy
+
+    def learn(self, experience) -> None:
+        new = [int(c) for c in experience.classes_in_this_experience]
+        self.n_seen = max(self.n_seen, max(new) + 1)
+        self.train(experience)
+        self._update_memory(experience.dataset, new)
+        self.cache.save()
+
+    def _update_memory(self, dataset, new: list[int]) -> None:
+        hp = self.hp
+        x, y = self._current
+        if hp["feature_replay"]:
+            for c in new:
+                fc = x[y == c]
+                if hp["replay_kind"] == "samples":
+                    g = torch.Generator().manual_seed(self.context.seed * 100003 + c)
+                    pick = torch.randperm(len(fc), generator=g)[: hp["replay_per_class"]]
+                    self.stored_feats[c] = fc[pick].clone()
+                else:
+                    f = fc.float()
+                    self.feat_stats[c] = torch.stack([f.mean(0), f.std(0, unbiased=len(f) > 1)])
+        if hp["memory"]:
+            targets = torch.as_tensor(list(dataset.targets))
+            per_class = hp["memory"] // self.n_seen
+            for c in list(self.exemplars):  # old classes shrink to the new share (a prefix stays random)
+                self.exemplars[c] = self.exemplars[c][:per_class]
+            for c in new:
+                idx = (targets == c).nonzero().flatten()
+                g = torch.Generator().manual_seed(self.context.seed * 100003 + c)
+                idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+                imgs = torch.stack([dataset[int(i)][0] for i in idx]) if len(idx) else torch.empty(0)
+                self.exemplars[c] = (imgs * 255).round().to(torch.uint8)
+        self._current = None
+
+    # ---- prediction ------------------------------------------------------------------
+    @torch.no_grad()
+    def answers_for(self, x: torch.Tensor) -> list[str]:
+        self.model.eval()
+        feats = self.features(x)
+        texts: list[str] = []
+        for chunk in feats.split(self.hp["eval_batch_size"]):
+            with self._amp():
+                texts += self.model.generate(chunk.to(self.device), self.hp["max_new_tokens"])
+        return texts
+
+    @torch.no_grad()
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        texts = self.answers_for(x)
+        return text_scores(self.model.text_encoder, texts, self.class_embeddings[: self.n_seen])
+
+    # ---- memory and checkpoints ------------------------------------------------------
+    def memory_usage(self) -> tuple[int, int]:
+        """(stored items: exemplar images + feature vectors, bytes they take)."""
+        count = sum(len(v) for v in self.exemplars.values()) + sum(len(v) for v in self.stored_feats.values())
+        tensors = [*self.exemplars.values(), *self.stored_feats.values(), *self.feat_stats.values()]
+        return count, sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"n_seen": self.n_seen, "exemplars": self.exemplars, "stored_feats": self.stored_feats,
+                "feat_stats": self.feat_stats}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.n_seen = state["n_seen"]
+        self.exemplars, self.stored_feats, self.feat_stats = state["exemplars"], state["stored_feats"], state["feat_stats"]

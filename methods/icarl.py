@@ -1,0 +1,178 @@
+"""iCaRL (Rebuffi et al., CVPR 2017): herding exemplars, sigmoid distillation, nearest mean of exemplars.
+
+- Training data of task t = its new data + the exemplars of every old class.
+- Loss: BCE on all seen-class outputs; targets one-hot for the labels, the previous
+  model's sigmoid outputs for the old classes (harness.distill.sigmoid_distillation_loss).
+- After training: shrink old classes to the new per-class quota, herd the new classes'
+  exemplars with the updated feature extractor, recompute every class mean from its
+  exemplars, freeze a copy of the model as the next task's teacher.
+- Prediction: nearest mean of exemplars on L2-normalised features (cosine scores).
+"""
+from __future__ import annotations
+
+import torch
+from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harness.data import ImageTensorDataset
+from harness.distill import frozen_copy, sigmoid_distillation_loss
+from harness.errors import HarnessError
+from harness.memory import ExemplarMemory, check_budget, class_means, herding, nme_scores, to_float, to_uint8
+from harness.method import TRAINING_PARAMS, CILMethod
+from harness.params import Param
+from harness.recipes import SUPERVISED_RECIPES
+from harness.registry import register_method
+
+RECIPES = {
+    **SUPERVISED_RECIPES,
+    # PyCIL's iCaRL schedule for ResNet-32 (docs/methods.md).
+    "cifar100": {"backbone": "resnet32", "lr": 0.1, "batch_size": 128, "weight_decay": 2e-4,
+                 "init_epochs": 200, "epochs": 170, "lr_schedule": "multistep",
+                 "init_milestones": "60,120,170", "milestones": "80,120"},
+}
+
+
+def _milestones(text: str, key: str) -> list[int]:
+    try:
+        out = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise HarnessError(f"icarl.{key}={text!r}: expected comma-separated epochs, e.g. 80,120") from None
+    if out != sorted(out) or any(m < 1 for m in out):
+        raise HarnessError(f"icarl.{key}={text!r}: epochs must be positive and increasing")
+    return out
+
+
+@register_method("icarl")
+class ICaRL(CILMethod):
+    description = "iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars classifier"
+    params = {
+        **TRAINING_PARAMS,
+        "memory": Param(2000, "exemplars kept in total (class-balanced)", low=1),
+        "memory_bytes": Param(0, "byte budget of the exemplars as uint8 images; > 0 replaces memory", low=0),
+        "init_epochs": Param(0, "epochs of the first task; 0 = epochs", low=0),
+        "lr_schedule": Param("none", "per-task learning-rate schedule", choices=("none", "cosine", "multistep")),
+        "milestones": Param("", "multistep: epochs where the lr is multiplied by lr_decay, e.g. 80,120"),
+        "init_milestones": Param("", "multistep milestones of the first task; empty = milestones"),
+        "lr_decay": Param(0.1, "multistep: lr factor at each milestone", low=0.0, high=1.0),
+        "bce": Param("sum", "BCE over classes: sum (CE-sized gradients) or mean (PyCIL/Avalanche)",
+                     choices=("sum", "mean")),
+    }
+    protocol_defaults = RECIPES
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        hp, p = self.hp, self.context.protocol
+        self.memory = (ExemplarMemory(max_bytes=hp["memory_bytes"]) if hp["memory_bytes"] > 0
+                       else ExemplarMemory(max_items=hp["memory"]))
+        check_budget(self.memory, p.num_classes, p.channels * p.image_size ** 2, "icarl")
+        self.milestones = {"init": _milestones(hp["init_milestones"] or hp["milestones"], "init_milestones"),
+                           "later": _milestones(hp["milestones"], "milestones")}
+        self.old_model: nn.Module | None = None
+        self.means: torch.Tensor | None = None  # (classes seen, d), unit rows
+        self.scheduler = None
+
+    def build_plugins(self, optimizer):
+        return []  # the schedule changes between the first and later tasks: see learn()
+
+    # ---- training -----------------------------------------------------------------
+    def learn(self, experience) -> None:
+        first = self.old_model is None
+        self.train_epochs = self.hp["init_epochs"] if first and self.hp["init_epochs"] else self.hp["epochs"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.hp["lr"]
+            group.pop("initial_lr", None)  # a new scheduler starts from this lr
+        if self.hp["lr_schedule"] == "multistep":
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, self.milestones["init" if first else "later"], self.hp["lr_decay"])
+        elif self.hp["lr_schedule"] == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.train_epochs)
+        else:
+            self.scheduler = None
+        self.train(experience)
+        self._update_memory(experience)
+        self.means = self._exemplar_means()
+        self.old_model = frozen_copy(self.model)
+
+    def _after_training_epoch(self, **kwargs):
+        super()._after_training_epoch(**kwargs)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def train_dataset_adaptation(self, **kwargs):
+        super().train_dataset_adaptation(**kwargs)
+        if len(self.memory):
+            x, y = self.memory.tensors()
+            # Same item type as the stream's (float image in [0, 1], label), task label 0.
+            replay = _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
+            self.adapted_dataset = concat_datasets([self.adapted_dataset, replay])
+
+    def criterion(self):
+        if not self.is_training:
+            return super().criterion()
+        teacher = None
+        if self.old_model is not None:
+            with torch.no_grad():
+                teacher = self.old_model(self.mb_x)
+        return sigmoid_distillation_loss(self.mb_output, self.mb_y, teacher, per_class=self.hp["bce"])
+
+    # ---- exemplars and class means ------------------------------------------------
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of uint8 or float images, in eval mode, batch by batch."""
+        self.model.eval()
+        out = []
+        for xb in images.split(self.eval_mb_size):
+            xb = to_float(xb) if xb.dtype == torch.uint8 else xb
+            out.append(self.model.features(xb.to(self.device)).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _update_memory(self, experience) -> None:
+        # One pass over the new data: uint8 images (what the memory stores) and labels.
+        images, labels = [], []
+        for batch in DataLoader(experience.dataset.eval(), batch_size=self.eval_mb_size):
+            images.append(to_uint8(batch[0]))
+            labels.append(torch.as_tensor(batch[1]))
+        images, labels = torch.cat(images), torch.cat(labels)
+        features = self._features(images)
+        quota = self.memory.make_room(len(experience.classes_in_this_experience), images[0].numel())
+        for c in sorted(experience.classes_in_this_experience):
+            idx = (labels == c).nonzero().squeeze(1)
+            self.memory.add(c, images[idx[herding(features[idx], quota)]])
+
+    def _exemplar_means(self) -> torch.Tensor:
+        x, y = self.memory.tensors()
+        return class_means(self._features(x), y, self.memory.classes).to(self.device)
+
+    # ---- the harness-facing contract ----------------------------------------------
+    @torch.no_grad()
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.means is None:
+            return super().class_scores(x)
+        self.model.eval()
+        return nme_scores(self.model.features(x.to(self.device)), self.means)
+
+    def memory_usage(self) -> tuple[int, int]:
+        return len(self.memory), self.memory.nbytes
+
+    def extra_state(self):
+        return {"memory": self.memory.state_dict(), "class_means": self.means,
+                "old_model": None if self.old_model is None else self.old_model.state_dict()}
+
+    def load_extra_state(self, state) -> None:
+        self.memory.load_state_dict(state["memory"])
+        self.means = None if state["class_means"] is None else state["class_means"].to(self.device)
+        self.old_model = None
+        if state["old_model"] is not None:
+            old = self.build_model()
+            _resize_head(old, state["old_model"]["head.classifier.weight"].shape[0])
+            old.load_state_dict(state["old_model"])
+            self.old_model = frozen_copy(old.to(self.device))
+
+
+def _resize_head(model: nn.Module, n: int) -> None:
+    """Give an IncrementalNet's head `n` outputs, so a saved state dict of that size loads."""
+    head = model.head
+    head.classifier = nn.Linear(head.classifier.in_features, n)
+    head.active_units = torch.zeros(n, dtype=torch.int8)

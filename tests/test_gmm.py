@@ -1,0 +1,164 @@
+"""GMM and its vision-language stack: text -> class, the loss, replay budgets, the CLI path.
+
+Everything runs on the tiny random-weight stack except the last test, which loads the
+offline default stack (EfficientNet-Lite0 + SmolLM2-135M + MiniLM) from the installed
+packages with the network off; its first run also converts the GGUF (~40 s).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from harness import data as data_mod
+from harness.cli import main
+from harness.method import MethodContext
+from harness.protocol import get_protocol
+from harness.registry import METHODS, discover
+from harness.streams import build_benchmark
+from harness.vlm import NgramTextEncoder, answer_sentence, build_stack, class_text, text_scores
+
+NAMES = ["cat", "ice cream", "The Eiffel Tower", "bicycle", "apple", "hot air balloon"]
+ANSWERS = [
+    ("This is a drawing of a cat.", "cat"),
+    ("It is a drawing of ice creams", "ice cream"),  # plural, no period
+    ("THIS IS A DRAWING OF AN APPLE.", "apple"),  # casing
+    ("This is a drawing of a bicycel.", "bicycle"),  # near miss
+    ("This is a drawing of the eiffel tower in paris.", "The Eiffel Tower"),  # extra words
+    ("This is a drawing of a hot-air balloon", "hot air balloon"),
+]
+
+
+def test_class_text_strips_the_template():
+    assert class_text("This is a drawing of an apple.") == "apple"
+    assert class_text("this is a photo of the Eiffel Tower!") == "Eiffel Tower"
+    assert class_text("cat") == "cat" and class_text("") == ""
+    assert answer_sentence("drawing", "apple") == "This is a drawing of an apple."
+
+
+@pytest.mark.parametrize("encoder", [NgramTextEncoder()], ids=["ngram"])
+def test_generated_text_maps_to_the_right_class(encoder):
+    emb = encoder(NAMES)
+    scores = text_scores(encoder, [a for a, _ in ANSWERS], emb)
+    assert scores.shape == (len(ANSWERS), len(NAMES))
+    assert [NAMES[i] for i in scores.argmax(1)] == [c for _, c in ANSWERS]
+    unknown = text_scores(encoder, ["", "zzzz qqq", "<|im_end|>"], emb)
+    assert unknown.shape == (3, len(NAMES)) and torch.isfinite(unknown).all()
+
+
+def test_only_the_projection_trains_and_the_loss_falls_on_a_fixed_batch():
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_question("What is this drawing of?")
+    assert {n.split(".")[0] for n, p in vlm.named_parameters() if p.requires_grad} == {"proj"}
+    feats = vlm.encoder(torch.rand(8, 1, 28, 28))
+    answers = vlm.answer_ids([answer_sentence("drawing", NAMES[i % 4]) for i in range(8)])
+    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(15):
+        loss = vlm.loss(feats, answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    texts = vlm.generate(feats, max_new_tokens=8)
+    assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
+
+
+def test_lora_adds_trainable_adapters_only():
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=1)
+    vlm.add_lora(4)
+    trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and all("lora_" in n or n.startswith("proj") for n in trainable)
+    vlm.set_question("What is this drawing of?")
+    feats = vlm.encoder(torch.rand(2, 1, 28, 28))
+    assert torch.isfinite(vlm.loss(feats, vlm.answer_ids(["This is a drawing of a cat."] * 2)))
+
+
+def test_tiny_llava_model_from_a_config_is_a_stack():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from harness.vlm import ByteTokenizer, hf_llava_stack
+
+    tok = ByteTokenizer()
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1),
+        image_token_index=tok.vocab_size - 1, vision_feature_layer=-2)
+    llava = LlavaForConditionalGeneration(cfg)
+    vlm = hf_llava_stack(llava, tokenizer=tok, text_encoder=NgramTextEncoder())
+    vlm.set_question("What is this photo of?")
+    trainable = {id(p) for p in vlm.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in llava.model.multi_modal_projector.parameters()}
+    feats = vlm.encoder(torch.rand(2, 3, 40, 40))
+    assert feats.shape == (2, 4, 32)  # 2x2 patches, CLS dropped
+    assert torch.isfinite(vlm.loss(feats, vlm.answer_ids(["This is a photo of a cat."] * 2)))
+    assert len(vlm.generate(feats, max_new_tokens=4)) == 2
+
+
+def run_cli(*args) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_tiny_stack_runs_end_to_end_through_the_cli(tmp_path):
+    code = run_cli("run", "--methods", "gmm", "--protocol", "quickdraw20_2x10", "--epochs", "1",
+                   "--max-train-per-class", "8", "--set", "gmm.model=tiny", "gmm.max_new_tokens=8", "gmm.eval_batch_size=256",
+                   "--device", "cpu", "--quiet", "--out", tmp_path)
+    assert code == 0
+    run = tmp_path / "quickdraw20_2x10+maxtrain=8" / "gmm+epochs=1+eval_batch_size=256+max_new_tokens=8+model=tiny" / "seed0"
+    s = json.loads((run / "summary.json").read_text())
+    assert [len(r) for r in s["accuracy_matrix"]] == [1, 2]
+    assert s["trainable_params"] == (32 + 1) * 64  # the Linear projection only
+    assert s["memory_bytes"] == 0
+
+
+def _method(**overrides):
+    discover()
+    protocol = get_protocol("quickdraw20_2x10")
+    data = data_mod.prepare(protocol, max_train_per_class=6)
+    cls = METHODS.get("gmm")
+    hp = {k: p.default for k, p in cls.params.items()}
+    hp.update(model="tiny", epochs=1, max_new_tokens=4, batch_size=64, **overrides)
+    ctx = MethodContext(protocol, data.class_names, torch.device("cpu"), 0, True, True)
+    return cls(context=ctx, hp=hp), build_benchmark(data)
+
+
+@pytest.mark.parametrize("overrides,replayed,count,nbytes", [
+    ({"memory": 40}, 40, 40, 40 * 28 * 28),  # 4 per class after task 1, 2 per class after task 2
+    ({"feature_replay": True, "replay_per_class": 3}, 30, 20 * 3, 20 * 3 * 4 * 32 * 2),  # float16 tokens
+    ({"feature_replay": True, "replay_kind": "gaussian", "replay_per_class": 2}, 20, 0, 20 * 2 * 4 * 32 * 4),  # mean, std
+], ids=["exemplars", "feature_samples", "feature_gaussian"])
+def test_replay_keeps_its_memory_budget(overrides, replayed, count, nbytes, tmp_path):
+    method, bench = _method(**overrides)
+    sizes = []
+    for exp in bench.train_stream:
+        method.learn(exp)
+        sizes.append(method.train_size)
+    assert sizes == [60, 60 + replayed]  # task 2 trains on its data plus the replayed old classes
+    assert method.memory_usage() == (count, nbytes)
+    if overrides.get("memory"):
+        assert all(len(v) == 2 for v in method.exemplars.values()) and len(method.exemplars) == 20
+    scores = method.class_scores(bench.test_stream[0].dataset[0][0].unsqueeze(0))
+    assert scores.shape == (1, 20)
+
+
+def test_offline_default_stack_loads_from_installed_packages_with_the_network_off(monkeypatch):
+    """The real default stack (slow: ~40 s the first time, while the GGUF is converted)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vlm = build_stack("offline", in_channels=1, visual_tokens=4, image_size=64)
+    vlm.set_question("What is this drawing of?")
+    assert vlm.lm.config.hidden_size == 576 and vlm.lm.config.vocab_size == 49152
+    feats = vlm.encoder.eval()(torch.rand(2, 1, 28, 28))
+    assert feats.shape == (2, 4, 1280)
+    answers = vlm.answer_ids([answer_sentence("drawing", "cat")] * 2)
+    assert answers.shape[1] < 15  # "This is a drawing of a cat.<|im_end|>": a handful of BPE tokens
+    assert torch.isfinite(vlm.loss(feats, answers))
+    assert len(vlm.generate(feats, max_new_tokens=4)) == 2
+    emb = vlm.text_encoder(NAMES)
+    scores = text_scores(vlm.text_encoder, [a for a, _ in ANSWERS], emb)
+    assert [NAMES[i] for i in scores.argmax(1)] == [c for _, c in ANSWERS]

@@ -1,0 +1,151 @@
+"""iCaRL and its building blocks: herding, the exemplar memory, NME, sigmoid distillation, the CLI."""
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.distill import frozen_copy, sigmoid_distillation_loss
+from harness.memory import ExemplarMemory, class_means, herding, nme_scores
+from harness.method import MethodContext
+from harness.params import resolve_params
+from harness.protocol import get_protocol
+from harness.cli import main
+from harness.registry import METHODS, discover
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_herding_keeps_the_running_mean_closest_to_the_class_mean():
+    # Unit vectors at these angles; their mean points at about 9.1 degrees. Step by step:
+    # 10 (nearest); 0 (mean of {10, 0} = 5 beats {10, 20} = 15); 20; then -25 before 40,
+    # although 40 is nearer the class mean: the running mean of {10, 0, 20} sits above 9
+    # degrees and -25 pulls it back. Norms differ: herding normalises first.
+    angles = [0, 10, 20, -25, 40]
+    norms = [1.0, 5.0, 0.2, 3.0, 7.0]
+    f = torch.tensor([[r * math.cos(math.radians(a)), r * math.sin(math.radians(a))] for a, r in zip(angles, norms)])
+    assert herding(f, 5).tolist() == [1, 0, 2, 3, 4]
+    assert herding(f, 2).tolist() == [1, 0]  # a smaller m is a prefix: shrinking keeps the best
+    assert herding(f, 9).tolist() == [1, 0, 2, 3, 4]  # m > n: all, no repeats
+
+
+def test_herding_never_repeats_duplicates_are_separate_samples():
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    picks = herding(f, 3).tolist()
+    assert sorted(picks) == [0, 1, 2]
+
+
+def test_count_memory_stays_within_budget_and_balanced():
+    mem = ExemplarMemory(max_items=50)
+    for step, n_new in enumerate([10, 10, 10, 7]):
+        first = len(mem.classes)
+        quota = mem.make_room(n_new, item_bytes=784)
+        for c in range(first, first + n_new):
+            # items numbered by rank: shrinking must keep the best (first) ones
+            mem.add(c, torch.arange(30, dtype=torch.uint8)[:quota, None].expand(-1, 784).clone())
+        seen = first + n_new
+        counts = {c: len(t) for c, t in mem.items.items()}
+        assert len(mem) <= 50 and set(counts.values()) == {50 // seen}, (step, counts)
+        assert all(t[:, 0].tolist() == list(range(50 // seen)) for t in mem.items.values())
+        assert mem.nbytes == len(mem) * 784
+    with pytest.raises(ValueError, match="exceed"):
+        mem.add(99, torch.zeros(50, 784, dtype=torch.uint8))
+
+
+def test_byte_memory_stays_within_budget():
+    budget = 784 * 45 + 100
+    mem = ExemplarMemory(max_bytes=budget)
+    expected = []
+    for n_new in [10, 10, 10]:
+        first = len(mem.classes)
+        quota = mem.make_room(n_new, item_bytes=784)
+        for c in range(first, first + n_new):
+            mem.add(c, torch.zeros(min(quota, 80), 1, 28, 28, dtype=torch.uint8))
+        expected.append(budget // (first + n_new) // 784)
+        assert mem.nbytes <= budget and {len(t) for t in mem.items.values()} == {expected[-1]}
+    assert expected == [4, 2, 1]
+    x, y = mem.tensors()
+    assert x.shape == (30, 1, 28, 28) and y.tolist() == sorted(y.tolist())
+
+
+def test_nme_classifies_a_separable_toy_set():
+    torch.manual_seed(0)
+    centres = torch.eye(4)[:3] * 3
+    y = torch.arange(3).repeat_interleave(20)
+    feats = centres[y] + 0.3 * torch.randn(60, 4)
+    ex = torch.cat([herding(feats[y == c], 5) + 20 * c for c in range(3)])  # 5 exemplars per class
+    means = class_means(feats[ex], y[ex], range(3))
+    assert torch.allclose(means.norm(dim=1), torch.ones(3))
+    test = centres[y] + 0.3 * torch.randn(60, 4)
+    scores = nme_scores(test, means)
+    assert scores.shape == (60, 3) and (scores.argmax(1) == y).all()
+
+
+@pytest.fixture(scope="module")
+def icarl_method():
+    discover(())
+    cls = METHODS.get("icarl")
+    protocol = get_protocol("quickdraw20_2x10")
+    hp, _ = resolve_params(cls, protocol.family, [("icarl", "memory", "40")])
+    return cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
+
+
+def test_distillation_targets_come_from_the_frozen_old_model(icarl_method):
+    m = icarl_method
+    m.model.head.classifier = torch.nn.Linear(m.model.backbone.out_dim, 4)  # 4 "old" classes
+    m.model.head.active_units = torch.ones(4, dtype=torch.int8)
+    m.old_model = frozen_copy(m.model)
+    x = torch.rand(6, 1, 28, 28)
+    old_logits = m.old_model(x).clone()
+    with torch.no_grad():  # the current model moves on; the teacher must not
+        for p in m.model.parameters():
+            p.add_(0.5)
+    assert torch.equal(m.old_model(x), old_logits)
+    assert not any(p.requires_grad for p in m.old_model.parameters())
+
+    y = torch.tensor([4, 5, 6, 4, 5, 6])  # new classes 4..6
+    logits = torch.randn(6, 7, requires_grad=True)
+    m.mbatch, m.mb_output, m.is_training = [x, y, torch.zeros(6, dtype=torch.long)], logits, True
+    loss = m.criterion()
+    targets = F.one_hot(y, 7).float()
+    targets[:, :4] = torch.sigmoid(old_logits)
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 6)
+    assert torch.allclose(sigmoid_distillation_loss(logits, y, old_logits, per_class="mean"),
+                          F.binary_cross_entropy_with_logits(logits, targets))
+    m.is_training = False
+
+
+def test_extra_state_round_trips_through_a_weights_only_checkpoint(icarl_method):
+    m = icarl_method
+    mem = m.memory
+    mem.items = {0: torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8),
+                 1: torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8)}
+    m.means = m._exemplar_means()
+    m.old_model = frozen_copy(m.model)
+    buf = io.BytesIO()
+    torch.save(m.extra_state(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    fresh = type(m)(context=m.context, hp=m.hp)
+    fresh.load_extra_state(state)
+    assert fresh.memory_usage() == m.memory_usage() == (4, 4 * 784)
+    assert torch.equal(fresh.means, m.means)
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(fresh.old_model(x), m.old_model(x))
+
+
+@pytest.mark.parametrize("budget,exemplars", [("memory=40", 40), ("memory_bytes=23520", 20)])
+def test_cli_run_reports_the_memory(tmp_path, budget, exemplars):
+    # quickdraw20_2x10: 20 classes; 40 exemplars = 2 per class; 23520 bytes = 30 doodles -> 1 per class
+    args = ["run", "--methods", "icarl", "--protocol", "quickdraw20_2x10", "--epochs", "1",
+            "--max-train-per-class", "16", "--set", f"icarl.{budget}", "--quiet", "--device", "cpu", "--out", tmp_path]
+    assert run_cli(*args) == 0
+    (summary,) = tmp_path.glob("*/icarl*/seed0/summary.json")
+    s = json.loads(summary.read_text())
+    assert s["memory_exemplars"] == exemplars and s["memory_bytes"] == exemplars * 784
+    assert len(s["accuracy_matrix"]) == 2 and s["last_accuracy"] > 10  # chance is 5%
