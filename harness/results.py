@@ -52,6 +52,8 @@ def check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise HarnessError(f"output folder {out} is a file")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise HarnessError(f"output folder {out} cannot be made: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise HarnessError(f"output folder {out} is not writable")
 

@@ -138,6 +138,11 @@ BAD = [
     (["run", "--epochs", "zero"], "positive integer"),
     (["run", "--protocol", "cifar100_10x10", "--data-root", "{tmp}/nodata"], "CIFAR-100 not found"),
     (["run", "--out", "{tmp}/a_file"], "is a file"),
+    (["run", "--out", "{tmp}/a_file/results"], "a_file is a file"),
+    (["--plugins", "{tmp}/bad_protocol.py", "list"], "but num_classes is 50"),
+    (["--plugins", "{tmp}/broken_plugin.py", "list"], "failed to import: NameError"),
+    (["run", "--device", "cuda"] if not __import__("torch").cuda.is_available() else ["run", "--device", "tpu"],
+     "no CUDA device" if not __import__("torch").cuda.is_available() else "invalid choice"),
     (["report", "{tmp}/nothing_here"], "does not exist"),
     (["--plugins", "{tmp}/missing.py", "list"], "does not exist"),
 ]
@@ -146,6 +151,10 @@ BAD = [
 @pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("precious")
+    (tmp_path / "bad_protocol.py").write_text(
+        "from harness.protocol import Protocol, register_protocol\n"
+        "register_protocol(Protocol(name='bad', dataset='quickdraw', num_classes=50, num_tasks=4, increment=10))\n")
+    (tmp_path / "broken_plugin.py").write_text("this_name_is_not_defined\n")
     code = run_cli(*[a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2
