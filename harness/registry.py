@@ -31,7 +31,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str, item: T) -> T:
-        if name in self._items and self._items[name] is not item:
+        # The same definition imported twice (two copies of a plugin file) is harmless.
+        if name in self._items and self._items[name] is not item and self._items[name] != item:
             raise HarnessError(f"{self.kind} '{name}' is registered twice")
         self._items[name] = item
         return item

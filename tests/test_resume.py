@@ -38,7 +38,9 @@ def summary(out: Path, method: str) -> dict:
 
 def interrupt_mid_run(cmd, run_dir: Path, sig) -> subprocess.Popen:
     """Start a run and send `sig` once it has checkpointed at least one task."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A child of a background job inherits SIGINT ignored; a terminal's Ctrl-C is not.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = run_dir / checkpoint.FILENAME
     deadline = time.time() + 240
     while not ckpt.exists():
