@@ -119,6 +119,9 @@ def cmd_run(args) -> int:
 
     protocol_dir = outcomes[0].protocol_dir
     table_dir = Path(args.out) / protocol_dir
+    if not any(o.status in ("done", "skipped") for o in outcomes):
+        _say(args.quiet, "no finished run to tabulate yet: other processes are running these runs")
+        return 0
     runs = collect_runs([table_dir])
     written = write_report(runs, table_dir) + write_figures(runs, table_dir / "plots")
     print(render(runs, "md"), end="")

@@ -5,6 +5,7 @@ A run is finished when its summary.json exists.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,7 +15,7 @@ import re
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, atomic_write_text
@@ -40,6 +41,26 @@ def protocol_dirname(protocol: str, max_train_per_class: int | None) -> str:
 
 def run_dir(out: Path, protocol_dir: str, label: str, seed: int) -> Path:
     return Path(out) / protocol_dir / label / f"seed{seed}"
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[bool]:
+    """An exclusive lock on a run folder: two processes never train the same run at once."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): run unguarded
+        yield True
+        return
+    with open(path / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def is_finished(path: Path) -> bool:

@@ -57,7 +57,7 @@ class RunSpec:
 @dataclass
 class RunOutcome:
     spec: RunSpec
-    status: str  # "done" or "skipped"
+    status: str  # "done", "skipped" (finished before) or "busy" (another process runs it)
     path: str
     label: str
     protocol_dir: str
@@ -104,6 +104,17 @@ def execute(spec: RunSpec) -> RunOutcome:
     if results.is_finished(path) and not spec.force:
         return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
 
+    path.mkdir(parents=True, exist_ok=True)
+    with results.run_lock(path) as locked:
+        if not locked:
+            _say(spec, f"skip {label} seed {spec.seed}: another process is running it ({path})")
+            return RunOutcome(spec, "busy", str(path), label, protocol_dir)
+        return _execute_locked(spec, label, protocol_dir, hp, changed, path)
+
+
+def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, changed: dict, path: Path) -> RunOutcome:
+    if results.is_finished(path) and not spec.force:  # finished while we waited for the lock
+        return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
     protocol = get_protocol(spec.protocol)
     device = resolve_device(spec.device)
     data = _prepared(spec.protocol, spec.data_root, spec.download, spec.max_train_per_class)
@@ -123,7 +134,6 @@ def execute(spec: RunSpec) -> RunOutcome:
     context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet)
     method = cls(context=context, hp=hp)
 
-    path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
     progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
                 "wall_time_s": 0.0}

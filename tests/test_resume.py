@@ -130,3 +130,21 @@ def test_checkpoints_load_weights_only(unfinished):
     state = checkpoint.load(run_dir / checkpoint.FILENAME)
     assert state["step"] == 3 and isinstance(state["method"]["model"]["head.classifier.weight"], torch.Tensor)
     assert state["method"]["model"]["head.classifier.weight"].shape[0] == 8
+
+
+def test_a_run_held_by_another_process_is_skipped(tmp_path):
+    import fcntl
+
+    from harness.registry import discover
+    from harness.runner import RunSpec, execute, plan_label
+
+    discover()
+    spec = RunSpec("finetune", "quickdraw20_2x10", 0, str(tmp_path), epochs=1, max_train_per_class=4, quiet=True)
+    label, protocol_dir, _, _ = plan_label(spec)
+    run_dir = tmp_path / protocol_dir / label / "seed0"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # as a concurrent run holds it (flock locks are per open file)
+        assert execute(spec).status == "busy"
+        assert not (run_dir / "metrics.csv").exists()
+    assert execute(spec).status == "done"
