@@ -6,60 +6,28 @@ maps of the previous model's top old class at the last convolutional block, comp
 for the previous and the current model on the same input, vectorised, L2-normalised,
 L1 distance. The current model's map is built with create_graph=True so L_AD trains it.
 
-Exemplar-free by default. `memory=N` keeps N class-balanced *random* exemplars (a
-simple memory of our own, not iCaRL's herding) replayed with the new data; CE then
-covers all seen classes, since the replayed samples carry old labels.
+Exemplar-free by default. `memory=N` keeps N class-balanced exemplars, chosen at
+random (LwM has no selection rule of its own), in harness.memory's store, replayed
+with the new data; CE then covers all seen classes, since replayed samples carry old labels.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
 from torch import nn
+from torch.utils.data import DataLoader
 
 from harness.data import ImageTensorDataset
 from harness.distill import frozen_copy, softmax_kd
 from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
+from harness.memory import ExemplarMemory, check_budget, to_uint8
 from harness.method import TRAINING_PARAMS, CILMethod
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
-
-
-class RandomMemory:
-    """Class-balanced random exemplars within a total budget, kept as uint8 images."""
-
-    def __init__(self, budget: int, seed: int):
-        self.budget, self.seed = budget, seed
-        self.per_class: dict[int, torch.Tensor] = {}
-
-    def update(self, dataset, classes: list[int]) -> None:
-        m = self.budget // (len(self.per_class) + len(classes))
-        # Shrinking keeps a prefix of a random pick, so it stays a random pick.
-        self.per_class = {c: x[:m] for c, x in self.per_class.items()}
-        targets = torch.as_tensor(list(dataset.targets))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + len(self.per_class))
-        for c in classes:
-            idx = (targets == c).nonzero().flatten()
-            pick = idx[torch.randperm(len(idx), generator=g)[:m]].tolist()
-            if pick:
-                imgs = torch.stack([dataset[i][0] for i in pick])
-                self.per_class[c] = imgs.mul(255).round().clamp(0, 255).to(torch.uint8)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = list(self.per_class.values())
-        ys = [torch.full((len(x),), c, dtype=torch.long) for c, x in self.per_class.items()]
-        return (torch.cat(xs), torch.cat(ys)) if xs else (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
-
-    def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.per_class = {int(c): x[y == c] for c in y.unique()}
-
-    def dataset(self):
-        x, y = self.tensors()
-        return _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
 
 
 @register_method("lwm")
@@ -79,7 +47,10 @@ class LwM(CILMethod):
         super().__init__(**kwargs)
         self.old_model: nn.Module | None = None
         self.n_old = 0  # classes seen before the current task (labels 0..n_old-1)
-        self.memory = RandomMemory(self.hp["memory"], self.context.seed)
+        p = self.context.protocol
+        self.memory = ExemplarMemory(max_items=self.hp["memory"])
+        if self.hp["memory"] > 0:
+            check_budget(self.memory, p.num_classes, p.channels * p.image_size ** 2, "lwm")
         self._layer_name: str | None = None  # Grad-CAM layer, found on the first batch
         self._fmap: torch.Tensor | None = None
 
@@ -89,12 +60,29 @@ class LwM(CILMethod):
         self.n_old = max(self.n_old, max(experience.classes_in_this_experience) + 1)
         self.old_model = frozen_copy(self.model)
         if self.hp["memory"] > 0:
-            self.memory.update(experience.dataset.eval(), list(experience.classes_in_this_experience))
+            self._update_memory(experience)
+
+    @torch.no_grad()
+    def _update_memory(self, experience) -> None:
+        images, labels = [], []
+        for batch in DataLoader(experience.dataset.eval(), batch_size=self.eval_mb_size):
+            images.append(to_uint8(batch[0]))
+            labels.append(torch.as_tensor(batch[1]))
+        images, labels = torch.cat(images), torch.cat(labels)
+        classes = sorted(experience.classes_in_this_experience)
+        quota = self.memory.make_room(len(classes), images[0].numel())
+        # Own generator: the choice depends on the seed and task only, not on training's RNG use.
+        g = torch.Generator().manual_seed(self.context.seed * 1_000_003 + classes[0])
+        for c in classes:
+            idx = (labels == c).nonzero().squeeze(1)
+            self.memory.add(c, images[idx[torch.randperm(len(idx), generator=g)[:quota]]])
 
     def train_dataset_adaptation(self, **kwargs):
         super().train_dataset_adaptation(**kwargs)
-        if self.memory.per_class:
-            self.adapted_dataset = self.adapted_dataset.concat(self.memory.dataset())
+        if len(self.memory):
+            x, y = self.memory.tensors()
+            replay = _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
+            self.adapted_dataset = concat_datasets([self.adapted_dataset, replay])
 
     def _cam_layer(self, model: nn.Module) -> nn.Module:
         if self._layer_name is None:
@@ -113,11 +101,11 @@ class LwM(CILMethod):
 
     def criterion(self):
         logits, y, n = self.mb_output, self.mb_y, self.n_old
-        if self.old_model is None:
+        if self.old_model is None or not self.is_training:
             return F.cross_entropy(logits, y)
         # Exemplar-free: CE over the new classes' logits only, so it does not push the
         # old classes' logits down; the distillation terms take care of them.
-        ce = F.cross_entropy(logits, y) if self.memory.per_class else F.cross_entropy(logits[:, n:], y - n)
+        ce = F.cross_entropy(logits, y) if len(self.memory) else F.cross_entropy(logits[:, n:], y - n)
         # Old model: its logits (head of n outputs) and the Grad-CAM of its top old class.
         old_cams, old_logits = grad_cam(self.old_model, self.mb_x, None, self._cam_layer(self.old_model))
         top = old_logits.argmax(1)
@@ -128,22 +116,21 @@ class LwM(CILMethod):
 
     # ---- harness contract -----------------------------------------------------------
     def memory_usage(self) -> tuple[int, int]:
-        x, _ = self.memory.tensors()
-        return len(x), x.numel() * x.element_size()
+        return len(self.memory), self.memory.nbytes
 
     def extra_state(self) -> dict[str, Any]:
-        x, y = self.memory.tensors()
-        old = self.old_model.state_dict() if self.old_model is not None else {}
-        return {"n_old": self.n_old, "old_model": old, "memory_x": x, "memory_y": y}
+        return {"n_old": self.n_old, "memory": self.memory.state_dict(),
+                "old_model": None if self.old_model is None else self.old_model.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.n_old = int(state["n_old"])
-        self.memory.load(state["memory_x"], state["memory_y"])
-        if state["old_model"]:
-            # The head must have n_old outputs before the old weights fit into it.
-            old = copy.deepcopy(self.model)
+        self.memory.load_state_dict(state["memory"])
+        self.old_model = None
+        if state["old_model"] is not None:
+            old = self.build_model()
+            # The head needs n_old outputs before the saved weights fit into it.
             head = old.head
             head.classifier = nn.Linear(head.classifier.in_features, self.n_old)
             head.active_units = torch.zeros(self.n_old, dtype=torch.int8)
             old.load_state_dict(state["old_model"])
-            self.old_model = frozen_copy(old)
+            self.old_model = frozen_copy(old.to(self.device))

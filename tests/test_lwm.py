@@ -52,19 +52,18 @@ def test_a_step_on_the_attention_loss_moves_the_model_and_reduces_it():
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    before = [p.detach().clone() for p in new.parameters()]
+    before = {n: p.detach().clone() for n, p in new.named_parameters()}
     opt = torch.optim.SGD(new.parameters(), lr=0.05)
-    first = attention_loss(old, new, x)
-    losses = [first.item()]
-    for _ in range(5):
-        opt.zero_grad()
-        loss = attention_loss(old, new, x)
-        loss.backward()
-        opt.step()
-    losses.append(attention_loss(old, new, x).item())
-    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, new.parameters())]
-    assert any(moved[:-2])  # the backbone moves, not only the head
-    assert losses[-1] < losses[0]
+    loss = attention_loss(old, new, x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before["backbone.features.3.weight"], new.backbone.features[3].weight)
+    # Layers after the feature map change the loss only through the Grad-CAM weights:
+    # they move only because the map was built with create_graph=True.
+    assert not torch.equal(before["backbone.features.7.weight"], new.backbone.features[7].weight)
+    assert not torch.equal(before["head.classifier.weight"], new.head.classifier.weight)
+    assert attention_loss(old, new, x).item() < loss.item()
 
 
 def test_attention_figure(tmp_path):
@@ -90,31 +89,10 @@ def test_end_to_end_exemplar_free(tmp_path):
 
 
 def test_exemplars_respect_their_budget(tmp_path):
-    run_lwm(tmp_path, "--set", "lwm.memory=30")
-    s = json.loads((tmp_path / "quickdraw20_2x10+maxtrain=16" / "lwm+epochs=1+memory=30" / "seed0" / "summary.json").read_text())
-    # 30 slots over 20 classes: 1 per class, class-balanced; uint8 28x28 images.
-    assert s["memory_exemplars"] == 20 and s["memory_bytes"] == 20 * 28 * 28
-
-
-def test_memory_is_class_balanced_and_checkpointable():
-    from methods.lwm import RandomMemory
-
-    class Data:
-        targets = [i % 4 for i in range(40)]
-
-        def __getitem__(self, i):
-            return torch.full((1, 2, 2), (i % 4) / 4), i % 4, 0
-
-    mem = RandomMemory(budget=7, seed=0)
-    mem.update(Data(), [0, 1])
-    assert [len(x) for x in mem.per_class.values()] == [3, 3]
-    mem.update(Data(), [2, 3])
-    x, y = mem.tensors()
-    assert len(x) <= 7 and torch.bincount(y).tolist() == [1, 1, 1, 1]
-    assert (x[y == 2].float() / 255 - 0.5).abs().max() < 1e-2  # images kept with their labels
-    again = RandomMemory(7, 0)
-    again.load(x, y)
-    assert torch.equal(again.tensors()[1], y)
+    run_lwm(tmp_path, "--set", "lwm.memory=45")
+    s = json.loads((tmp_path / "quickdraw20_2x10+maxtrain=16" / "lwm+epochs=1+memory=45" / "seed0" / "summary.json").read_text())
+    # 45 slots: 4 per class over 10 classes, then cut to 2 per class over 20; uint8 28x28 images.
+    assert s["memory_exemplars"] == 40 and s["memory_bytes"] == 40 * 28 * 28
 
 
 def test_extra_state_round_trip(tmp_path):
@@ -125,12 +103,13 @@ def test_extra_state_round_trip(tmp_path):
 
     discover()
     cls, protocol = METHODS.get("lwm"), get_protocol("quickdraw20_2x10")
-    hp, _ = resolve_params(cls, protocol.family, [("lwm", "memory", "4")])
+    hp, _ = resolve_params(cls, protocol.family, [("lwm", "memory", "20")])
     make = lambda: cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
     method = make()
     method.model = tiny_net()
     method.old_model, method.n_old = frozen_copy(method.model), N_CLASSES
-    method.memory.load(torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8), torch.tensor([0, 0, 1, 1]))
+    for c in (0, 1):
+        method.memory.add(c, torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8))
     torch.save(method.extra_state(), tmp_path / "state.pt")
     fresh = make()
     fresh.load_extra_state(torch.load(tmp_path / "state.pt", weights_only=True))
