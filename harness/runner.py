@@ -89,6 +89,7 @@ def plan_label(spec: RunSpec) -> tuple[str, str, dict, dict]:
     cls = METHODS.get(spec.method)
     protocol = get_protocol(spec.protocol)
     hp, changed = resolve_params(cls, protocol.family, spec.overrides, {"epochs": spec.epochs})
+    changed = {k: v for k, v in changed.items() if cls.params[k].affects_results}  # names the row
     return (
         results.run_label(spec.method, changed),
         results.protocol_dirname(spec.protocol, spec.max_train_per_class),
@@ -118,7 +119,9 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     protocol = get_protocol(spec.protocol)
     device = resolve_device(spec.device)
     data = _prepared(spec.protocol, spec.data_root, spec.download, spec.max_train_per_class)
-    identity = {"method": spec.method, "label": label, "params": hp, "protocol": protocol.to_dict(),
+    declared = METHODS.get(spec.method).params
+    identity = {"method": spec.method, "label": label, "protocol": protocol.to_dict(),
+                "params": {k: v for k, v in hp.items() if declared[k].affects_results},
                 "seed": spec.seed, "max_train_per_class": spec.max_train_per_class}
     ckpt_path = path / checkpoint.FILENAME
     saved = None

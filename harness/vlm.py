@@ -356,7 +356,7 @@ class VisionLanguageModel(nn.Module):
             done |= torch.isin(tok, stop)
             if (early_stop and done.all()) or step == max_new_tokens - 1:
                 break
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             out = self.lm(input_ids=tok[:, None], use_cache=True, **{self._cache_kw: cache})
         seqs = torch.stack(tokens, 1).tolist()
         texts, stops = [], set(self.stop_ids.tolist())
@@ -388,7 +388,8 @@ def article(word: str) -> str:
 
 
 def answer_sentence(noun: str, class_name: str) -> str:
-    return f"This is {article(noun)} {noun} of {article(class_name)} {class_name}."
+    det = "" if class_name.lower().startswith("the ") else article(class_name) + " "  # not "a The Eiffel Tower"
+    return f"This is {article(noun)} {noun} of {det}{class_name}."
 
 
 def text_scores(text_encoder: Callable, answers: Sequence[str], class_embeddings: Tensor) -> Tensor:
@@ -445,10 +446,14 @@ class FeatureCache:
 
         keys = torch.from_numpy(np.frombuffer(b"".join(self.items), dtype=np.uint8).reshape(len(self.items), -1).copy())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".feat-", dir=self.path.parent)
-        os.close(fd)
-        torch.save({"keys": keys, "feats": torch.stack(list(self.items.values()))}, tmp)
-        os.replace(tmp, self.path)
+        fd, tmp = tempfile.mkstemp(prefix=".feat-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:  # a file object: torch's zip writer refuses some temp names
+                torch.save({"keys": keys, "feats": torch.stack(list(self.items.values()))}, fh)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self.dirty = False
 
 

@@ -51,13 +51,18 @@ class GMM(CILMethod):
         "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
         "lora_r": Param(0, "LoRA rank on the LM (0 = off, as in the paper)", low=0),
         "max_new_tokens": Param(16, "generation limit per answer", low=1),
-        "eval_batch_size": Param(64, "images per generation batch", low=1),
+        "eval_batch_size": Param(64, "images per generation batch", low=1, affects_results=False),
         "memory": Param(0, "exemplar images kept in total, class-balanced (0 = none, as in the paper)", low=0),
         "feature_replay": Param(False, "replay stored encoder features of old classes (exemplar-free)"),
         "replay_kind": Param("samples", "feature replay: stored vectors or per-class Gaussian", choices=("samples", "gaussian")),
         "replay_per_class": Param(20, "feature vectors stored (or sampled) per old class", low=1),
-        "feature_cache": Param("memory", "encoder features cached in memory or also on disk", choices=("memory", "disk")),
+        "feature_cache": Param("memory", "encoder features cached in memory or also on disk", choices=("memory", "disk"),
+                               affects_results=False),
     }
+
+    # 28-px doodles upscaled to 112 px give EfficientNet a 4x4 map (pooled to the visual
+    # tokens) at a quarter of 224 px's encoder cost.
+    protocol_defaults = {"quickdraw": {"image_size": 112}}
 
     def __init__(self, *, context, hp, plugins=()):
         self.n_seen = 0
@@ -204,6 +209,20 @@ class GMM(CILMethod):
         count = sum(len(v) for v in self.exemplars.values()) + sum(len(v) for v in self.stored_feats.values())
         tensors = [*self.exemplars.values(), *self.stored_feats.values(), *self.feat_stats.values()]
         return count, sum(t.numel() * t.element_size() for t in tensors)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        # Only what trains (projection, LoRA): the frozen encoder and LM (~560 MB) come
+        # back from the installed packages, so each task's checkpoint stays a few MB.
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"model": trainable, "optimizer": self.optimizer.state_dict(), "extra": self.extra_state()}
+
+    def restore(self, state: dict[str, Any], past_experiences: list) -> None:
+        self.model.to(self.device)
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or set(state["model"]) != {n for n, p in self.model.named_parameters() if p.requires_grad}:
+            raise RuntimeError(f"GMM checkpoint does not match this model's trainable parameters: {unexpected}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state["extra"])
 
     def extra_state(self) -> dict[str, Any]:
         return {"n_seen": self.n_seen, "exemplars": self.exemplars, "stored_feats": self.stored_feats,

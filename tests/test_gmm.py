@@ -34,6 +34,7 @@ def test_class_text_strips_the_template():
     assert class_text("this is a photo of the Eiffel Tower!") == "Eiffel Tower"
     assert class_text("cat") == "cat" and class_text("") == ""
     assert answer_sentence("drawing", "apple") == "This is a drawing of an apple."
+    assert answer_sentence("photo", "The Eiffel Tower") == "This is a photo of The Eiffel Tower."
 
 
 @pytest.mark.parametrize("encoder", [NgramTextEncoder()], ids=["ngram"])
@@ -54,7 +55,7 @@ def test_only_the_projection_trains_and_the_loss_falls_on_a_fixed_batch():
     answers = vlm.answer_ids([answer_sentence("drawing", NAMES[i % 4]) for i in range(8)])
     opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=3e-2)
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         loss = vlm.loss(feats, answers)
         opt.zero_grad()
         loss.backward()
@@ -110,7 +111,7 @@ def test_tiny_stack_runs_end_to_end_through_the_cli(tmp_path):
                    "--max-train-per-class", "8", "--set", "gmm.model=tiny", "gmm.max_new_tokens=8", "gmm.eval_batch_size=256",
                    "--device", "cpu", "--quiet", "--out", tmp_path)
     assert code == 0
-    run = tmp_path / "quickdraw20_2x10+maxtrain=8" / "gmm+epochs=1+eval_batch_size=256+max_new_tokens=8+model=tiny" / "seed0"
+    run = tmp_path / "quickdraw20_2x10+maxtrain=8" / "gmm+epochs=1+max_new_tokens=8+model=tiny" / "seed0"
     s = json.loads((run / "summary.json").read_text())
     assert [len(r) for r in s["accuracy_matrix"]] == [1, 2]
     assert s["trainable_params"] == (32 + 1) * 64  # the Linear projection only
@@ -162,3 +163,46 @@ def test_offline_default_stack_loads_from_installed_packages_with_the_network_of
     emb = vlm.text_encoder(NAMES)
     scores = text_scores(vlm.text_encoder, [a for a, _ in ANSWERS], emb)
     assert [NAMES[i] for i in scores.argmax(1)] == [c for _, c in ANSWERS]
+
+
+def test_quickdraw_fscil_is_60_base_classes_then_5_way_5_shot():
+    discover()
+    p = get_protocol("quickdraw_fscil")
+    assert p.classes_per_task() == [60] + [5] * 8
+    data = data_mod.prepare(p)
+    counts = torch.bincount(torch.tensor(data.train.targets), minlength=100)
+    assert (counts[:60] == 80).all() and (counts[60:] == 5).all()
+
+
+def test_feature_cache_round_trips_through_disk(tmp_path, monkeypatch):
+    from harness.vlm import FeatureCache, TinyConvEncoder
+
+    enc = TinyConvEncoder(1, 4)
+    calls = []
+    x = torch.rand(5, 1, 28, 28)
+    x[3] = x[1]  # a repeated image is encoded once
+
+    def encode(batch):
+        calls.append(len(batch))
+        return enc(batch)
+
+    cache = FeatureCache(tmp_path / "f.pt")
+    first = cache.get(x, encode)
+    assert calls == [4] and len(cache) == 4
+    cache.save()
+    again = FeatureCache(tmp_path / "f.pt").get(x, encode)
+    assert calls == [4] and torch.equal(first, again)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_holds_only_trainable_weights_and_restores(tmp_path):
+    method, bench = _method(feature_replay=True, replay_per_class=2)
+    exp = bench.train_stream[0]
+    method.learn(exp)
+    torch.save(method.checkpoint_state(), tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert set(state["model"]) == {"proj.weight", "proj.bias"}  # not the frozen LM and encoder
+    fresh, _ = _method(feature_replay=True, replay_per_class=2)
+    fresh.restore(state, [exp])
+    assert torch.equal(fresh.model.proj.weight, method.model.proj.weight)
+    assert fresh.memory_usage() == method.memory_usage() and fresh.n_seen == 10
