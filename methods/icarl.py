@@ -13,13 +13,12 @@ from __future__ import annotations
 import torch
 from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
 from torch import nn
-from torch.utils.data import DataLoader
 
 from harness.data import ImageTensorDataset
 from harness.distill import frozen_copy, sigmoid_distillation_loss
 from harness.errors import HarnessError
 from harness.memory import ExemplarMemory, check_budget, class_means, herding, nme_scores, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod
+from harness.method import TRAINING_PARAMS, CILMethod, materialise
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -129,12 +128,10 @@ class ICaRL(CILMethod):
 
     @torch.no_grad()
     def _update_memory(self, experience) -> None:
-        # One pass over the new data: uint8 images (what the memory stores) and labels.
-        images, labels = [], []
-        for batch in DataLoader(experience.dataset.eval(), batch_size=self.eval_mb_size):
-            images.append(to_uint8(batch[0]))
-            labels.append(torch.as_tensor(batch[1]))
-        images, labels = torch.cat(images), torch.cat(labels)
+        # One pass over the new data (it must not move the global RNG: resumed runs replay it);
+        # the memory stores uint8 images.
+        images, labels = materialise(experience.dataset.eval(), self.eval_mb_size)
+        images = to_uint8(images)
         features = self._features(images)
         quota = self.memory.make_room(len(experience.classes_in_this_experience), images[0].numel())
         for c in sorted(experience.classes_in_this_experience):

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
 from torch import nn
-from torch.utils.data import DataLoader
 
 from harness.data import ImageTensorDataset
 from harness.distill import frozen_copy, softmax_kd
 from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.memory import ExemplarMemory, check_budget, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod
+from harness.method import TRAINING_PARAMS, CILMethod, materialise
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -64,11 +63,10 @@ class LwM(CILMethod):
 
     @torch.no_grad()
     def _update_memory(self, experience) -> None:
-        images, labels = [], []
-        for batch in DataLoader(experience.dataset.eval(), batch_size=self.eval_mb_size):
-            images.append(to_uint8(batch[0]))
-            labels.append(torch.as_tensor(batch[1]))
-        images, labels = torch.cat(images), torch.cat(labels)
+        # One pass over the new data (it must not move the global RNG: resumed runs replay it);
+        # the memory stores uint8 images.
+        images, labels = materialise(experience.dataset.eval(), self.eval_mb_size)
+        images = to_uint8(images)
         classes = sorted(experience.classes_in_this_experience)
         quota = self.memory.make_room(len(classes), images[0].numel())
         # Own generator: the choice depends on the seed and task only, not on training's RNG use.

@@ -14,6 +14,7 @@ from harness.params import resolve_params
 from harness.protocol import get_protocol
 from harness.cli import main
 from harness.registry import METHODS, discover
+from harness.runner import RunSpec, execute
 
 
 def run_cli(*args) -> int:
@@ -139,13 +140,45 @@ def test_extra_state_round_trips_through_a_weights_only_checkpoint(icarl_method)
     assert torch.equal(fresh.old_model(x), m.old_model(x))
 
 
-@pytest.mark.parametrize("budget,exemplars", [("memory=40", 40), ("memory_bytes=23520", 20)])
-def test_cli_run_reports_the_memory(tmp_path, budget, exemplars):
-    # quickdraw20_2x10: 20 classes; 40 exemplars = 2 per class; 23520 bytes = 30 doodles -> 1 per class
-    args = ["run", "--methods", "icarl", "--protocol", "quickdraw20_2x10", "--epochs", "1",
-            "--max-train-per-class", "16", "--set", f"icarl.{budget}", "--quiet", "--device", "cpu", "--out", tmp_path]
-    assert run_cli(*args) == 0
-    (summary,) = tmp_path.glob("*/icarl*/seed0/summary.json")
-    s = json.loads(summary.read_text())
-    assert s["memory_exemplars"] == exemplars and s["memory_bytes"] == exemplars * 784
+QUICK = ["--protocol", "quickdraw20_2x10", "--epochs", "1", "--max-train-per-class", "16", "--quiet", "--device", "cpu"]
+
+
+def test_cli_run_reports_the_memory(tmp_path):
+    # quickdraw20_2x10: 20 classes share 40 exemplars -> 2 per class after the second task
+    assert run_cli("run", "--methods", "icarl", *QUICK, "--set", "icarl.memory=40", "--out", tmp_path) == 0
+    s = json.loads((tmp_path / "quickdraw20_2x10+maxtrain=16" / "icarl+epochs=1+memory=40" / "seed0"
+                    / "summary.json").read_text())
+    assert s["memory_exemplars"] == 40 and s["memory_bytes"] == 40 * 784
     assert len(s["accuracy_matrix"]) == 2 and s["last_accuracy"] > 10  # chance is 5%
+
+
+def test_byte_budget_run(tmp_path):
+    # 23520 bytes = 30 doodles of 784 bytes: 3 per class after task 1, 1 per class after task 2
+    spec = RunSpec("icarl", "quickdraw20_2x10", 0, str(tmp_path), epochs=1, max_train_per_class=16, quiet=True,
+                   overrides=(("icarl", "memory_bytes", "23520"),))
+    s = execute(spec).summary
+    assert s["memory_exemplars"] == 20 and s["memory_bytes"] == 20 * 784
+
+
+def test_a_run_interrupted_after_task_1_resumes_to_the_same_result(tmp_path, monkeypatch):
+    spec = dict(method="icarl", protocol="quickdraw20_2x10", seed=0, epochs=1, max_train_per_class=16, quiet=True,
+                overrides=(("icarl", "memory", "40"),))
+    straight = execute(RunSpec(out=str(tmp_path / "a"), **spec)).summary
+
+    cls, calls = METHODS.get("icarl"), []
+    learn = cls.learn
+
+    def crash_on_task_2(self, experience):
+        calls.append(experience)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        learn(self, experience)
+
+    monkeypatch.setattr(cls, "learn", crash_on_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        execute(RunSpec(out=str(tmp_path / "b"), **spec))
+    monkeypatch.setattr(cls, "learn", learn)
+    resumed = execute(RunSpec(out=str(tmp_path / "b"), **spec)).summary
+    assert resumed["resumed"] is True
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert resumed["memory_exemplars"] == straight["memory_exemplars"] == 40
