@@ -137,5 +137,10 @@ class IncrementalNet(nn.Module):
     def features(self, x):
         return self.backbone(x)
 
+    def resize_head(self, n: int) -> None:
+        """Give the head `n` outputs, so a saved state dict of that size loads (checkpoints)."""
+        self.head.classifier = nn.Linear(self.head.classifier.in_features, n)
+        self.head.active_units = torch.zeros(n, dtype=torch.int8)
+
     def forward(self, x):
         return self.head(self.backbone(x))

@@ -62,8 +62,11 @@ class TensorBatches:
     slicing the materialised experience tensors removes that cost.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment: str = "none"):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment: str = "none",
+                 extras: tuple[torch.Tensor, ...] = ()):
+        # extras: more per-sample tensors (e.g. precomputed teacher logits), served between y and the task label
         self.x, self.y, self.batch_size, self.shuffle, self.augment = x, y, batch_size, shuffle, augment
+        self.extras = extras
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -75,7 +78,7 @@ class TensorBatches:
             x = self.x[idx]
             if self.augment != "none":
                 x = batch_augment(x, self.augment)
-            yield [x, self.y[idx], torch.zeros(len(idx), dtype=torch.long)]
+            yield [x, self.y[idx], *(e[idx] for e in self.extras), torch.zeros(len(idx), dtype=torch.long)]
 
 
 def materialise(dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

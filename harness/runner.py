@@ -88,8 +88,11 @@ def plan_label(spec: RunSpec) -> tuple[str, str, dict, dict]:
     """(label, protocol dir, resolved params, changed params) without running anything."""
     cls = METHODS.get(spec.method)
     protocol = get_protocol(spec.protocol)
-    hp, changed = resolve_params(cls, protocol.family, spec.overrides, {"epochs": spec.epochs})
+    # --epochs means every task, the first one included (methods such as iCaRL declare init_epochs)
+    hp, changed = resolve_params(cls, protocol.family, spec.overrides, {"epochs": spec.epochs, "init_epochs": spec.epochs})
     changed = {k: v for k, v in changed.items() if cls.params[k].affects_results}  # names the row
+    if "init_epochs" in changed and changed.get("epochs") == changed["init_epochs"]:
+        del changed["init_epochs"]  # implied by epochs: keep labels short
     return (
         results.run_label(spec.method, changed),
         results.protocol_dirname(spec.protocol, spec.max_train_per_class),

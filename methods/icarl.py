@@ -18,7 +18,7 @@ from harness.data import ImageTensorDataset
 from harness.distill import frozen_copy, sigmoid_distillation_loss
 from harness.errors import HarnessError
 from harness.memory import ExemplarMemory, check_budget, class_means, herding, nme_scores, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod, materialise
+from harness.method import TRAINING_PARAMS, CILMethod, TensorBatches, materialise
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -106,11 +106,26 @@ class ICaRL(CILMethod):
             replay = _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
             self.adapted_dataset = concat_datasets([self.adapted_dataset, replay])
 
+    def make_train_dataloader(self, **kwargs):
+        super().make_train_dataloader(**kwargs)
+        loader = self.dataloader
+        if self.old_model is not None and isinstance(loader, TensorBatches) and loader.augment == "none":
+            # Unaugmented inputs are the same every epoch: run the frozen teacher once per
+            # task, not once per batch of every epoch (~18% of training time on a ConvNet).
+            self.dataloader = TensorBatches(loader.x, loader.y, loader.batch_size, loader.shuffle,
+                                            extras=(self._teacher_logits(loader.x),))
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.old_model(xb.to(self.device)).cpu() for xb in x.split(self.eval_mb_size)])
+
     def criterion(self):
         if not self.is_training:
             return super().criterion()
         teacher = None
-        if self.old_model is not None:
+        if len(self.mbatch) == 4:  # [x, y, teacher logits, task]: teacher precomputed for the task
+            teacher = self.mbatch[2]
+        elif self.old_model is not None:
             with torch.no_grad():
                 teacher = self.old_model(self.mb_x)
         return sigmoid_distillation_loss(self.mb_output, self.mb_y, teacher, per_class=self.hp["bce"])
@@ -163,13 +178,6 @@ class ICaRL(CILMethod):
         self.old_model = None
         if state["old_model"] is not None:
             old = self.build_model()
-            _resize_head(old, state["old_model"]["head.classifier.weight"].shape[0])
+            old.resize_head(state["old_model"]["head.classifier.weight"].shape[0])
             old.load_state_dict(state["old_model"])
             self.old_model = frozen_copy(old.to(self.device))
-
-
-def _resize_head(model: nn.Module, n: int) -> None:
-    """Give an IncrementalNet's head `n` outputs, so a saved state dict of that size loads."""
-    head = model.head
-    head.classifier = nn.Linear(head.classifier.in_features, n)
-    head.active_units = torch.zeros(n, dtype=torch.int8)

@@ -126,9 +126,6 @@ class LwM(CILMethod):
         self.old_model = None
         if state["old_model"] is not None:
             old = self.build_model()
-            # The head needs n_old outputs before the saved weights fit into it.
-            head = old.head
-            head.classifier = nn.Linear(head.classifier.in_features, self.n_old)
-            head.active_units = torch.zeros(self.n_old, dtype=torch.int8)
+            old.resize_head(self.n_old)  # the saved weights have n_old outputs
             old.load_state_dict(state["old_model"])
             self.old_model = frozen_copy(old.to(self.device))

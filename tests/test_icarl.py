@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from harness.distill import frozen_copy, sigmoid_distillation_loss
 from harness.memory import ExemplarMemory, class_means, herding, nme_scores
-from harness.method import MethodContext
+from harness.method import MethodContext, TensorBatches
 from harness.params import resolve_params
 from harness.protocol import get_protocol
 from harness.cli import main
@@ -117,6 +117,14 @@ def test_distillation_targets_come_from_the_frozen_old_model(icarl_method):
     assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 6)
     assert torch.allclose(sigmoid_distillation_loss(logits, y, old_logits, per_class="mean"),
                           F.binary_cross_entropy_with_logits(logits, targets))
+
+    # The fast path: teacher logits computed once per task ride along in the batches.
+    batches = TensorBatches(x, y, 4, shuffle=True, extras=(m._teacher_logits(x),))
+    for bx, by, teacher, _ in batches:
+        assert torch.allclose(teacher, m.old_model(bx), atol=1e-6)
+        m.mbatch, m.mb_output = [bx, by, teacher, torch.zeros(len(by), dtype=torch.long)], logits[: len(by)]
+        expected = sigmoid_distillation_loss(logits[: len(by)], by, m.old_model(bx))
+        assert torch.allclose(m.criterion(), expected, atol=1e-6)
     m.is_training = False
 
 
