@@ -126,6 +126,12 @@ def efficientnet_lite0(in_channels: int, image_size: int) -> nn.Module:
     return EfficientNetLite0Features(in_channels=in_channels, image_size=max(image_size, 224), pretrained=True)
 
 
+def resize_incremental_head(head: IncrementalClassifier, n: int) -> None:
+    """Give an IncrementalClassifier `n` outputs, so a saved state dict of that size loads (checkpoints)."""
+    head.classifier = nn.Linear(head.classifier.in_features, n)
+    head.active_units = torch.zeros(n, dtype=torch.int8)
+
+
 class IncrementalNet(nn.Module):
     """Backbone + Avalanche's IncrementalClassifier (grows when new classes arrive)."""
 
@@ -138,9 +144,7 @@ class IncrementalNet(nn.Module):
         return self.backbone(x)
 
     def resize_head(self, n: int) -> None:
-        """Give the head `n` outputs, so a saved state dict of that size loads (checkpoints)."""
-        self.head.classifier = nn.Linear(self.head.classifier.in_features, n)
-        self.head.active_units = torch.zeros(n, dtype=torch.int8)
+        resize_incremental_head(self.head, n)
 
     def forward(self, x):
         return self.head(self.backbone(x))

@@ -11,17 +11,15 @@
 from __future__ import annotations
 
 import torch
-from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
-from torch import nn
 
-from harness.data import ImageTensorDataset
 from harness.distill import frozen_copy, sigmoid_distillation_loss
 from harness.errors import HarnessError
-from harness.memory import ExemplarMemory, check_budget, class_means, herding, nme_scores, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod, TensorBatches, materialise
+from harness.memory import ExemplarMemory, check_budget, class_means, herding, to_float, to_uint8
+from harness.method import TRAINING_PARAMS, materialise, with_replay
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
+from harness.rehearsal import RehearsalMethod
 
 RECIPES = {
     **SUPERVISED_RECIPES,
@@ -43,7 +41,7 @@ def _milestones(text: str, key: str) -> list[int]:
 
 
 @register_method("icarl")
-class ICaRL(CILMethod):
+class ICaRL(RehearsalMethod):
     description = "iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars classifier"
     params = {
         **TRAINING_PARAMS,
@@ -67,8 +65,6 @@ class ICaRL(CILMethod):
         check_budget(self.memory, p.num_classes, p.channels * p.image_size ** 2, "icarl")
         self.milestones = {"init": _milestones(hp["init_milestones"] or hp["milestones"], "init_milestones"),
                            "later": _milestones(hp["milestones"], "milestones")}
-        self.old_model: nn.Module | None = None
-        self.means: torch.Tensor | None = None  # (classes seen, d), unit rows
         self.scheduler = None
 
     def build_plugins(self, optimizer):
@@ -102,33 +98,12 @@ class ICaRL(CILMethod):
         super().train_dataset_adaptation(**kwargs)
         if len(self.memory):
             x, y = self.memory.tensors()
-            # Same item type as the stream's (float image in [0, 1], label), task label 0.
-            replay = _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
-            self.adapted_dataset = concat_datasets([self.adapted_dataset, replay])
-
-    def make_train_dataloader(self, **kwargs):
-        super().make_train_dataloader(**kwargs)
-        loader = self.dataloader
-        if self.old_model is not None and isinstance(loader, TensorBatches) and loader.augment == "none":
-            # Unaugmented inputs are the same every epoch: run the frozen teacher once per
-            # task, not once per batch of every epoch (~18% of training time on a ConvNet).
-            self.dataloader = TensorBatches(loader.x, loader.y, loader.batch_size, loader.shuffle,
-                                            extras=(self._teacher_logits(loader.x),))
-
-    @torch.no_grad()
-    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.old_model(xb.to(self.device)).cpu() for xb in x.split(self.eval_mb_size)])
+            self.adapted_dataset = with_replay(self.adapted_dataset, x, y)
 
     def criterion(self):
         if not self.is_training:
             return super().criterion()
-        teacher = None
-        if len(self.mbatch) == 4:  # [x, y, teacher logits, task]: teacher precomputed for the task
-            teacher = self.mbatch[2]
-        elif self.old_model is not None:
-            with torch.no_grad():
-                teacher = self.old_model(self.mb_x)
-        return sigmoid_distillation_loss(self.mb_output, self.mb_y, teacher, per_class=self.hp["bce"])
+        return sigmoid_distillation_loss(self.mb_output, self.mb_y, self.teacher_logits(), per_class=self.hp["bce"])
 
     # ---- exemplars and class means ------------------------------------------------
     @torch.no_grad()
@@ -156,28 +131,3 @@ class ICaRL(CILMethod):
     def _exemplar_means(self) -> torch.Tensor:
         x, y = self.memory.tensors()
         return class_means(self._features(x), y, self.memory.classes).to(self.device)
-
-    # ---- the harness-facing contract ----------------------------------------------
-    @torch.no_grad()
-    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
-        if self.means is None:
-            return super().class_scores(x)
-        self.model.eval()
-        return nme_scores(self.model.features(x.to(self.device)), self.means)
-
-    def memory_usage(self) -> tuple[int, int]:
-        return len(self.memory), self.memory.nbytes
-
-    def extra_state(self):
-        return {"memory": self.memory.state_dict(), "class_means": self.means,
-                "old_model": None if self.old_model is None else self.old_model.state_dict()}
-
-    def load_extra_state(self, state) -> None:
-        self.memory.load_state_dict(state["memory"])
-        self.means = None if state["class_means"] is None else state["class_means"].to(self.device)
-        self.old_model = None
-        if state["old_model"] is not None:
-            old = self.build_model()
-            old.resize_head(state["old_model"]["head.classifier.weight"].shape[0])
-            old.load_state_dict(state["old_model"])
-            self.old_model = frozen_copy(old.to(self.device))

@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.benchmarks.utils import _make_taskaware_classification_dataset, concat_datasets
 from torch import nn
 
-from harness.data import ImageTensorDataset
-from harness.distill import frozen_copy, softmax_kd
+from harness.distill import frozen_copy, frozen_from_state, softmax_kd
 from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.memory import ExemplarMemory, check_budget, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod, materialise
+from harness.method import TRAINING_PARAMS, CILMethod, materialise, with_replay
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -79,8 +77,7 @@ class LwM(CILMethod):
         super().train_dataset_adaptation(**kwargs)
         if len(self.memory):
             x, y = self.memory.tensors()
-            replay = _make_taskaware_classification_dataset(ImageTensorDataset(x, y), task_labels=0)
-            self.adapted_dataset = concat_datasets([self.adapted_dataset, replay])
+            self.adapted_dataset = with_replay(self.adapted_dataset, x, y)
 
     def _cam_layer(self, model: nn.Module) -> nn.Module:
         if self._layer_name is None:
@@ -125,7 +122,4 @@ class LwM(CILMethod):
         self.memory.load_state_dict(state["memory"])
         self.old_model = None
         if state["old_model"] is not None:
-            old = self.build_model()
-            old.resize_head(self.n_old)  # the saved weights have n_old outputs
-            old.load_state_dict(state["old_model"])
-            self.old_model = frozen_copy(old.to(self.device))
+            self.old_model = frozen_from_state(self.build_model(), state["old_model"]).to(self.device)

@@ -5,7 +5,6 @@ offline default stack (EfficientNet-Lite0 + SmolLM2-135M + MiniLM) from the inst
 packages with the network off; its first run also converts the GGUF (~40 s).
 """
 import json
-import os
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import pytest
 from harness.errors import HarnessError
 from harness.metrics import summarise
 from harness.plots import write_figures
-from harness.report import collect_runs, paper_table, render, summary_table, write_report
+from harness.report import collect_runs, paper_table, render, write_report
 
 PROTOCOLS = {"toy_4x5": (4, 5), "toy_3x10": (3, 10)}  # name -> (tasks, classes per task)
 LABELS = ("finetune", "gmm+memory=2000")

@@ -1,0 +1,184 @@
+"""A Vision Transformer that classifies and reconstructs masked images (MAE), with the
+bilateral branch of MAE-CIL (Zhai et al., ICCV 2023). Used by methods/mae_cil.py.
+
+Everything works on patch sequences: an image (B, C, H, W) becomes (B, N, P*P*C) with
+`patchify`, so stored exemplars (a subset of patches and their positions) go through
+the same encoder as whole images.
+
+- encode(patches, positions): linear patch embedding + learned position embedding,
+  a class token, pre-norm Transformer blocks (torch's TransformerEncoderLayer).
+  Returns the deep tokens (last block) and the shallow tokens (block `shallow_block`).
+- features(x): the deep class token; with the bilateral part, plus an MLP of the deep
+  and shallow class tokens (the embedding-level fusion).
+- reconstruct(patches, positions): the lightweight decoder fills the missing patches
+  from the deep tokens; with the bilateral part, the shallow tokens go through the same
+  decoder and their image, high-pass filtered with an FFT, is added (image level).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from avalanche.models import IncrementalClassifier
+from torch import Tensor, nn
+
+from harness.backbones import resize_incremental_head
+
+
+def patchify(x: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C), patches in row-major order."""
+    b, c, h, w = x.shape
+    g, k = h // patch, w // patch
+    x = x.reshape(b, c, g, patch, k, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, g * k, patch * patch * c)
+
+
+def unpatchify(p: Tensor, patch: int, channels: int) -> Tensor:
+    """Inverse of patchify for square images."""
+    b, n, _ = p.shape
+    g = math.isqrt(n)
+    x = p.reshape(b, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, g * patch, g * patch)
+
+
+def high_pass(x: Tensor, radius: float) -> Tensor:
+    """Remove spatial frequencies within `radius` (in frequency bins) of zero, via the 2-D FFT.
+
+    A constant image is pure zero frequency, so it maps to zeros.
+    """
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h, device=x.device) * h
+    fx = torch.fft.fftfreq(w, device=x.device) * w
+    keep = (fy[:, None] ** 2 + fx[None, :] ** 2) > radius ** 2
+    return torch.fft.ifft2(torch.fft.fft2(x.float()) * keep).real.to(x.dtype)
+
+
+def random_keep(batch: int, n: int, keep: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """(batch, keep) positions of the patches each sample keeps (MAE's random masking), sorted."""
+    noise = torch.rand(batch, n, generator=generator, device=device)
+    return noise.argsort(1)[:, :keep].sort(1).values
+
+
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
+                                   batch_first=True, norm_first=True)
+        for _ in range(depth)
+    )
+
+
+class MaskedViT(nn.Module):
+    def __init__(self, *, channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
+                 decoder_dim: int, decoder_depth: int, shallow_block: int = 1, bilateral: bool = True,
+                 mlp_ratio: float = 2.0, high_pass_radius: float = 2.0):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
+        if not 1 <= shallow_block < depth:
+            raise ValueError(f"shallow_block must lie in [1, {depth - 1}]")
+        self.channels, self.patch, self.bilateral = channels, patch, bilateral
+        self.num_patches = (image_size // patch) ** 2
+        self.patch_dim = patch * patch * channels
+        self.shallow_block, self.high_pass_radius = shallow_block, high_pass_radius
+
+        self.embed = nn.Linear(self.patch_dim, dim)
+        self.pos = nn.Parameter(torch.randn(1, self.num_patches, dim) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = _blocks(dim, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(dim)
+        if bilateral:
+            self.shallow_norm = nn.LayerNorm(dim)
+            self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.head = IncrementalClassifier(dim, initial_out_features=1)
+
+        self.dec_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.dec_pos = nn.Parameter(torch.randn(1, self.num_patches + 1, decoder_dim) * 0.02)
+        self.dec_blocks = _blocks(decoder_dim, decoder_depth, max(1, decoder_dim // 32), mlp_ratio)
+        self.dec_norm = nn.LayerNorm(decoder_dim)
+        self.dec_pred = nn.Linear(decoder_dim, self.patch_dim)
+
+    # ---- encoder -----------------------------------------------------------------------
+    def encode(self, patches: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Deep and shallow tokens (class token first) of the given patches at their positions."""
+        pos = self.pos.expand(len(patches), -1, -1)
+        if positions is not None:
+            pos = pos.gather(1, positions.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        t = torch.cat([self.cls.expand(len(patches), -1, -1), self.embed(patches) + pos], 1)
+        shallow = None
+        for i, block in enumerate(self.blocks, 1):
+            t = block(t)
+            if i == self.shallow_block and self.bilateral:
+                shallow = self.shallow_norm(t)
+        return self.norm(t), shallow
+
+    def _features(self, deep: Tensor, shallow: Tensor | None) -> Tensor:
+        f = deep[:, 0]
+        if self.bilateral:
+            f = f + self.fuse(torch.cat([f, shallow[:, 0]], 1))
+        return f
+
+    def features(self, x: Tensor) -> Tensor:
+        return self._features(*self.encode(patchify(x, self.patch)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    # ---- decoder -----------------------------------------------------------------------
+    def _decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Patches (B, N, P*P*C) predicted from the visible tokens (class token first)."""
+        t = self.dec_embed(tokens)
+        b, d = len(t), t.shape[-1]
+        full = self.mask_token.expand(b, self.num_patches, d).clone()
+        full.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, d), t[:, 1:])
+        full = torch.cat([t[:, :1], full], 1) + self.dec_pos
+        for block in self.dec_blocks:
+            full = block(full)
+        return self.dec_pred(self.dec_norm(full[:, 1:]))
+
+    def reconstruct(self, patches: Tensor, positions: Tensor) -> dict[str, Tensor]:
+        """Full images from the visible `patches` at `positions`.
+
+        Returns "image" (the reconstruction), "deep" (the deep decoder's image) and, with
+        the bilateral part, "detail" (the high-passed shallow image added to it), plus the
+        encoder's "features" of the visible patches.
+        """
+        deep, shallow = self.encode(patches, positions)
+        image = unpatchify(self._decode(deep, positions), self.patch, self.channels)
+        out = {"deep": image, "features": self._features(deep, shallow)}
+        if self.bilateral:
+            shallow_image = unpatchify(self._decode(shallow, positions), self.patch, self.channels)
+            out["detail"] = high_pass(shallow_image, self.high_pass_radius)
+            image = image + out["detail"]
+        out["image"] = image
+        return out
+
+    def paste(self, image: Tensor, patches: Tensor, positions: Tensor) -> Tensor:
+        """The reconstruction with the known patches put back where they were."""
+        p = patchify(image, self.patch).clone()
+        p.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, p.shape[-1]), patches.to(p.dtype))
+        return unpatchify(p, self.patch, self.channels)
+
+    def resize_head(self, n: int) -> None:
+        resize_incremental_head(self.head, n)
+
+
+def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None
+               ) -> dict[str, Tensor]:
+    """MAE reconstruction loss (pixel MSE on the masked patches), the detail loss (L1
+    between the high-passed shallow image and the high-passed target) of a batch, and
+    "view": the batch as replayed exemplars would look (no gradient)."""
+    target = patchify(images, model.patch)
+    positions = random_keep(len(images), model.num_patches, keep, generator, images.device)
+    visible = target.gather(1, positions.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    out = model.reconstruct(visible, positions)
+    masked = torch.ones(target.shape[:2], dtype=torch.bool, device=images.device)
+    masked.scatter_(1, positions, False)
+    pred = patchify(out["image"], model.patch)
+    losses = {"recon": F.mse_loss(pred[masked], target[masked])}
+    if model.bilateral:
+        losses["detail"] = F.l1_loss(out["detail"], high_pass(images, model.high_pass_radius))
+    # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
+    losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)
+    return losses

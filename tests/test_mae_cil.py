@@ -1,0 +1,196 @@
+"""MAE-CIL: patch exemplars and their bytes, the MAE decoder, the FFT high-pass, replay, budgets."""
+import json
+
+import torch
+
+from harness.cli import main
+from protocols.quickdraw import load_quickdraw
+from harness.mae import MaskedViT, high_pass, mae_losses, patchify, unpatchify
+from harness.method import MethodContext
+from harness.params import resolve_params
+from harness.protocol import get_protocol
+from harness.registry import METHODS, discover
+
+SMALL = dict(dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1)
+
+
+def make_method(*overrides):
+    discover()
+    cls, protocol = METHODS.get("mae_cil"), get_protocol("quickdraw20_2x10")
+    sets = [("mae_cil", k, str(v)) for k, v in SMALL.items()] + [("mae_cil", k, v) for k, v in overrides]
+    hp, _ = resolve_params(cls, protocol.family, sets)
+    return cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
+
+
+def doodles(n: int, classes=(0,)) -> torch.Tensor:
+    """Real QuickDraw training doodles, float in [0, 1]."""
+    train = load_quickdraw().train
+    idx = torch.cat([(torch.as_tensor(train.targets) == c).nonzero().flatten()[:n] for c in classes])
+    return train.images[idx].float() / 255
+
+
+def test_patchify_round_trips():
+    x = torch.rand(3, 1, 28, 28)
+    p = patchify(x, 4)
+    assert p.shape == (3, 49, 16)
+    assert torch.equal(p[0, 1], x[0, 0, 0:4, 4:8].reshape(-1))  # row-major: patch 1 is the second in row 0
+    assert torch.equal(unpatchify(p, 4, 1), x)
+
+
+def test_high_pass_removes_a_constant_image_and_keeps_fine_detail():
+    flat = torch.full((2, 1, 28, 28), 0.7)
+    assert high_pass(flat, 2.0).abs().max() < 1e-5
+    checker = (torch.arange(28)[:, None] + torch.arange(28)[None, :]) % 2  # the highest frequency
+    checker = checker.float().sub(0.5).expand(1, 1, 28, 28)
+    assert torch.allclose(high_pass(checker, 2.0), checker, atol=1e-5)
+    # A doodle keeps its strokes' edges but loses its mean.
+    d = doodles(1)
+    h = high_pass(d, 2.0)
+    assert h.mean().abs() < 1e-5 and (h - d).abs().max() > 0.01
+
+
+def test_an_exemplar_stores_a_quarter_of_the_patches_plus_positions():
+    m = make_method()
+    images = doodles(5)
+    items = m.encode_exemplars(images, torch.Generator().manual_seed(0))
+    n, patch_pixels = 49, 16  # 28 px, patch 4, one channel
+    assert m.keep == 12 == round(n * 0.25)
+    assert items.dtype == torch.uint8 and items.shape == (5, 12, 1 + patch_pixels)
+    pixel_bytes = 12 * patch_pixels
+    assert pixel_bytes <= 28 * 28 / 4 and m.item_bytes == pixel_bytes + 12  # 192 pixel bytes + 12 position bytes
+    # The stored patches are the image's own patches at the stored positions, all different.
+    full = patchify((images * 255).round().to(torch.uint8), 4)
+    for i in range(5):
+        pos = items[i, :, 0].long()
+        assert len(set(pos.tolist())) == 12
+        assert torch.equal(items[i, :, 1:], full[i, pos])
+    # Equal bytes hold about 4x the exemplars of whole images.
+    assert 28 * 28 / m.item_bytes > 3.5
+
+
+def test_reconstruction_from_stored_patches_improves_as_the_mae_trains():
+    torch.manual_seed(0)
+    m = make_method()
+    images = doodles(32, classes=(0, 1))
+    items = m.encode_exemplars(images, torch.Generator().manual_seed(1))
+
+    def error():
+        rebuilt = m.rebuild(items)
+        return (rebuilt - images).pow(2).mean().item()
+
+    before = error()
+    opt = torch.optim.AdamW(m.model.parameters(), lr=3e-3)
+    m.model.train()
+    for _ in range(150):
+        losses = mae_losses(m.model, images, m.keep)
+        opt.zero_grad()
+        (losses["recon"] + 0.02 * losses["detail"]).backward()
+        opt.step()
+    after = error()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_a_step_on_the_detail_loss_trains_the_shallow_branch_only_through_its_path():
+    torch.manual_seed(0)
+    model = MaskedViT(channels=1, image_size=28, patch=4, **SMALL)
+    loss = mae_losses(model, doodles(4), keep=12)["detail"]
+    loss.backward()
+    assert model.blocks[0].linear1.weight.grad.abs().sum() > 0  # the shallow block feeds the detail image
+    assert model.blocks[1].linear1.weight.grad is None  # deeper blocks do not
+
+
+def test_without_the_bilateral_part_there_is_no_shallow_branch():
+    m = make_method(("bilateral", "false"))
+    assert not hasattr(m.model, "fuse") and not hasattr(m.model, "shallow_norm")
+    assert set(mae_losses(m.model, doodles(2), m.keep)) == {"recon", "view"}
+    with_bilateral = make_method()
+    assert with_bilateral.trainable_parameters() > m.trainable_parameters()
+
+
+def test_replayed_samples_are_reconstructions_not_originals():
+    m = make_method()
+    images = doodles(6)
+    items = m.encode_exemplars(images, torch.Generator().manual_seed(2))
+    rebuilt = m.rebuild(items)
+    target = patchify(images, 4)
+    got = patchify(rebuilt, 4)
+    for i in range(6):
+        kept = torch.zeros(49, dtype=torch.bool)
+        kept[items[i, :, 0].long()] = True
+        assert torch.allclose(got[i, kept], target[i, kept], atol=1 / 255)  # stored patches put back
+        assert not torch.allclose(got[i, ~kept], target[i, ~kept], atol=0.05)  # the rest is the decoder's
+
+
+def run_mae(out, *extra) -> dict:
+    args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--epochs", "1",
+            "--max-train-per-class", "16", "--quiet", "--device", "cpu", "--out", out,
+            *[a for k, v in SMALL.items() for a in ("--set", f"mae_cil.{k}={v}")], *extra]
+    assert main([str(a) for a in args]) == 0
+    summaries = list((out / "quickdraw20_2x10+maxtrain=16").glob("mae_cil*/seed0/summary.json"))
+    assert len(summaries) == 1
+    return json.loads(summaries[0].read_text())
+
+
+def test_end_to_end_the_byte_budget_is_kept_and_reported(tmp_path, monkeypatch):
+    # 4080 bytes = 20 exemplars of 204 bytes: 2 per class over 10 classes, then 1 per class over 20.
+    cls, seen = type(make_method()), []
+    original = cls._update_memory
+
+    def spy(self, experience):
+        original(self, experience)
+        counts = {c: len(t) for c, t in self.memory.items.items()}
+        seen.append((self.memory.nbytes, counts, None if self.replayed is None else len(self.replayed)))
+
+    monkeypatch.setattr(cls, "_update_memory", spy)
+    s = run_mae(tmp_path, "--set", "mae_cil.memory_bytes=4080")
+    assert [b for b, _, _ in seen] == [20 * 204, 20 * 204]
+    assert all(b <= 4080 for b, _, _ in seen)
+    assert set(seen[0][1].values()) == {2} and set(seen[1][1].values()) == {1}  # class-balanced
+    assert seen[1][2] == 20  # task 2 replayed the 20 exemplars of task 1, rebuilt
+    assert s["memory_exemplars"] == 20 and s["memory_bytes"] == 20 * 204
+    assert len(s["accuracy_matrix"]) == 2 and s["last_accuracy"] > 5  # chance is 5%
+
+
+def test_a_budget_that_cannot_keep_one_exemplar_per_class_is_refused(tmp_path, capsys):
+    args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--quiet", "--out", tmp_path,
+            "--set", "mae_cil.memory_bytes=1000"]
+    assert main([str(a) for a in args]) == 2
+    assert "cannot keep one exemplar" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.json"))
+
+
+def test_a_run_interrupted_after_task_1_resumes_to_the_same_result(straight_and_resumed):
+    sets = tuple(("mae_cil", k, str(v)) for k, v in SMALL.items()) + (("mae_cil", "memory_bytes", "4080"),)
+    straight, resumed = straight_and_resumed(method="mae_cil", protocol="quickdraw20_2x10", seed=0, epochs=1,
+                                             max_train_per_class=16, quiet=True, overrides=sets)
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert resumed["memory_bytes"] == straight["memory_bytes"] == 20 * 204
+
+
+def test_nme_means_come_from_rebuilt_exemplars_of_every_class():
+    from harness.memory import class_means, nme_scores
+
+    m = make_method()
+    images = doodles(8, classes=(0, 1))
+    for c in (0, 1):
+        m.memory.add(c, m.encode_exemplars(images[8 * c: 8 * c + 8], torch.Generator().manual_seed(c)))
+    means = m._rebuilt_means()
+    x, y = m.memory.tensors()
+    with torch.no_grad():
+        rebuilt = class_means(m.model.features(m.rebuild(x)), y, [0, 1])
+        original = class_means(m.model.features(images), torch.arange(2).repeat_interleave(8), [0, 1])
+    assert torch.allclose(means, rebuilt, atol=1e-5) and not torch.allclose(means, original, atol=1e-3)
+    m.means = means
+    test = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(m.class_scores(test), nme_scores(m.model.features(test), means), atol=1e-5)
+
+
+def test_the_replay_view_keeps_the_visible_patches_and_carries_no_gradient():
+    torch.manual_seed(0)
+    m = make_method()
+    images = doodles(4)
+    view = mae_losses(m.model, images, m.keep)["view"]
+    assert view.shape == images.shape and not view.requires_grad
+    same = (patchify(view, 4) - patchify(images, 4)).abs().amax(2) < 1e-6  # (4, 49): kept patches are exact
+    assert (same.sum(1) >= m.keep).all()
