@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness.augment import batch_augment
-from harness.data import ImageTensorDataset
 from harness.backbones import IncrementalNet, backbone_names, create_backbone
+from harness.data import ImageTensorDataset
 from harness.params import Param
 from harness.progress import EpochProgress
 from harness.protocol import Protocol

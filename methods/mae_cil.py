@@ -110,6 +110,7 @@ class MAECIL(RehearsalMethod):
         self.memory = ExemplarMemory(max_bytes=budget)
         check_budget(self.memory, p.num_classes, self.item_bytes, "mae_cil")
         self.replayed: torch.Tensor | None = None  # uint8 reconstructions replayed in the current task
+        self._rebuilt_memory: torch.Tensor | None = None  # float rebuild of the memory after the last task
 
     # ---- model -----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -144,7 +145,7 @@ class MAECIL(RehearsalMethod):
         # real and rebuilt images then favours no class, where a head trained on real new
         # images and rebuilt old ones learns "looks real" = "new class".
         x, y = self.memory.tensors()
-        rebuilt = self.rebuild(x)
+        rebuilt = self._rebuilt_memory = self.rebuild(x)  # the next task replays these: no second decode
         self.model.eval()
         f = torch.cat([self.model.features(xb.to(self.device)).cpu() for xb in rebuilt.split(self.eval_mb_size)])
         return class_means(f, y, self.memory.classes).to(self.device)
@@ -154,7 +155,10 @@ class MAECIL(RehearsalMethod):
         self.replayed = None
         if len(self.memory):
             x, y = self.memory.tensors()
-            self.replayed = to_uint8(self.rebuild(x))  # quantised like the stream's images
+            # Rebuilt when the class means were taken (same model, same memory) or now (resumed run).
+            rebuilt = self._rebuilt_memory if self._rebuilt_memory is not None else self.rebuild(x)
+            self._rebuilt_memory = None
+            self.replayed = to_uint8(rebuilt)  # quantised like the stream's images
             self.adapted_dataset = with_replay(self.adapted_dataset, self.replayed, y)
 
     @torch.no_grad()
