@@ -164,8 +164,8 @@ class MaskedViT(nn.Module):
         resize_incremental_head(self.head, n)
 
 
-def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None
-               ) -> dict[str, Tensor]:
+def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None,
+               view: bool = True) -> dict[str, Tensor]:
     """MAE reconstruction loss (pixel MSE on the masked patches), the detail loss (L1
     between the high-passed shallow image and the high-passed target) of a batch, and
     "view": the batch as replayed exemplars would look (no gradient)."""
@@ -180,5 +180,6 @@ def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Gen
     if model.bilateral:
         losses["detail"] = F.l1_loss(out["detail"], high_pass(images, model.high_pass_radius))
     # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
-    losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)
+    if view:
+        losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)
     return losses

@@ -185,7 +185,7 @@ class MAECIL(RehearsalMethod):
         teacher = self.teacher_logits()
         if teacher is not None and hp["kd"] > 0:
             loss = loss + hp["kd"] * softmax_kd(self.mb_output, teacher, hp["temperature"])
-        aux = mae_losses(self.model, self.mb_x, self.keep)
+        aux = mae_losses(self.model, self.mb_x, self.keep, view=hp["replay_view"])
         loss = loss + hp["recon"] * aux["recon"]
         if "detail" in aux:
             loss = loss + hp["detail"] * aux["detail"]
