@@ -54,7 +54,7 @@ def _quickdraw(name: str, classes: int, tasks: int, increment: int, base: int = 
 
 
 QUICKDRAW100_10X10 = _quickdraw("quickdraw100_10x10", 100, 10, 10, description="QuickDraw, 100 classes, 10 tasks of 10 (the Avalanche peer stream)")
-QUICKDRAW40_4X10 = _quickdraw("quickdraw40_4x10", 40, 4, 10, description="QuickDraw, 40 classes, 4 tasks of 10 (the quick default)")
-QUICKDRAW20_2X10 = _quickdraw("quickdraw20_2x10", 20, 2, 10, description="QuickDraw, 20 classes, 2 tasks of 10 (smoke tests)")
+QUICKDRAW40_4X10 = _quickdraw("quickdraw40_4x10", 40, 4, 10, description="QuickDraw, 40 classes, 4 tasks of 10")
+QUICKDRAW20_2X10 = _quickdraw("quickdraw20_2x10", 20, 2, 10, description="QuickDraw, 20 classes, 2 tasks of 10 (the default run, smoke tests)")
 QUICKDRAW_FSCIL = _quickdraw("quickdraw_fscil", 100, 9, 5, base=60, shots=5,
                              description="QuickDraw few-shot CIL: 60 base classes, then 8 sessions of 5-way 5-shot")
