@@ -112,6 +112,10 @@ class SentenceTextEncoder:
     def __init__(self, model):
         self.model = model
 
+    def to(self, device) -> "SentenceTextEncoder":
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> Tensor:
         emb = self.model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
@@ -289,6 +293,15 @@ class VisionLanguageModel(nn.Module):
         self.proj.requires_grad_(True)
         self._cache_kw = "cache" if "cache" in inspect.signature(_base_lm(lm).forward).parameters else "past_key_values"
         self.set_question("What is this photo of?")
+
+    def to(self, *args, **kwargs):
+        # f_text is not a submodule (it is shared, and never trained), but it should run
+        # where the LM runs: on a GPU, MiniLM on the CPU cost a large part of evaluation.
+        super().to(*args, **kwargs)
+        move = getattr(self.text_encoder, "to", None)
+        if callable(move):
+            move(self.proj.weight.device)
+        return self
 
     @property
     def encoder_id(self) -> str:

@@ -65,6 +65,21 @@ def test_only_the_projection_trains_and_the_loss_falls_on_a_fixed_batch():
     assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
 
 
+def test_text_encoder_follows_the_model_to_its_device():
+    class Recording(NgramTextEncoder):
+        devices: list = []
+
+        def to(self, device):
+            self.devices.append(torch.device(device))
+            return self
+
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=1)
+    vlm.text_encoder = Recording()
+    assert vlm.to("meta") is vlm  # "meta" stands in for a GPU: no data, same plumbing
+    assert vlm.proj.weight.device.type == "meta" and vlm.text_encoder.devices == [torch.device("meta")]
+    build_stack("tiny", in_channels=1, visual_tokens=1).to("cpu")  # f_text without .to is left alone
+
+
 def test_lora_adds_trainable_adapters_only():
     vlm = build_stack("tiny", in_channels=1, visual_tokens=1)
     vlm.add_lora(4)
