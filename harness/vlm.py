@@ -294,13 +294,14 @@ class VisionLanguageModel(nn.Module):
         self._cache_kw = "cache" if "cache" in inspect.signature(_base_lm(lm).forward).parameters else "past_key_values"
         self.set_question("What is this photo of?")
 
-    def to(self, *args, **kwargs):
+    def _apply(self, fn, recurse: bool = True):
         # f_text is not a submodule (it is shared, and never trained), but it should run
         # where the LM runs: on a GPU, MiniLM on the CPU cost a large part of evaluation.
-        super().to(*args, **kwargs)
+        # .to(), .cuda() and .cpu() all end here.
+        super()._apply(fn, recurse)
         move = getattr(self.text_encoder, "to", None)
         if callable(move):
-            move(self.proj.weight.device)
+            move(next(self.proj.parameters()).device)  # LLaVA's projector has no .weight
         return self
 
     @property

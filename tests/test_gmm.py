@@ -111,6 +111,7 @@ def test_tiny_llava_model_from_a_config_is_a_stack():
     assert feats.shape == (2, 4, 32)  # 2x2 patches, CLS dropped
     assert torch.isfinite(vlm.loss(feats, vlm.answer_ids(["This is a photo of a cat."] * 2)))
     assert len(vlm.generate(feats, max_new_tokens=4)) == 2
+    assert vlm.to("cpu") is vlm  # the projector is two layers, not one nn.Linear
 
 
 def run_cli(*args) -> int:
