@@ -90,18 +90,21 @@ def main(argv=None) -> None:
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" stack {'random weights' if args.random_weights else 'offline'} loaded in {time.perf_counter() - t:.1f}s")
 
-    with torch.no_grad(), amp:  # warm-up, then the encoder
-        vlm.encoder(x[:8].to(dev))
-        sync(dev)
-        t = time.perf_counter()
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
         # Features stay on the device (as GMM's training batches need them there): a copy
         # back to the host per chunk would time the transfer, not the encoder.
-        feats = torch.cat([vlm.encoder(c.to(dev)).float() for c in x[: args.images].split(args.encoder_batch)])
-        sync(dev)
+        with amp:
+            return torch.cat([vlm.encoder(c.to(dev)).float() for c in images.split(args.encoder_batch)])
+
+    encode(x[:8])  # warm-up
+    sync(dev)
+    t = time.perf_counter()
+    feats = encode(x[: args.images])
+    sync(dev)
     enc_rate = args.images / (time.perf_counter() - t)
-    with torch.no_grad(), amp:
-        feats = torch.cat([feats, torch.cat([vlm.encoder(c.to(dev)).float() for c in x[args.images:].split(args.encoder_batch)])]) \
-            if n > args.images else feats
+    if n > args.images:  # the rest of the training batches, untimed
+        feats = torch.cat([feats, encode(x[args.images:])])
     print(f"encoder     {enc_rate:9.1f} images/s  ({args.image_size}px, {args.visual_tokens} visual tokens, "
           f"batch {args.encoder_batch})")
 
