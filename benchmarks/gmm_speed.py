@@ -1,16 +1,24 @@
-"""GMM speed on the default stack: encoder, training and evaluation throughput.
+"""GMM speed on the default stack: this code against the landed code, in one run.
 
-Measures, on real QuickDraw doodles of quickdraw20_2x10's classes:
+Measures, on real QuickDraw doodles of quickdraw20_2x10's classes (training images to
+train, test images to evaluate):
   encoder     frozen EfficientNet-Lite0 images/s (done once per image, then cached)
   train       projection training samples/s on cached features (batch --batch)
   eval        images/s of GMM's prediction: batched greedy generation with the KV cache,
-              stop at the end of the sentence (max --max-new-tokens), f_text, cosine scores
-  reference   images/s of reference-style evaluation (the GMM/MiniGPT-4 script: one image at a
-              time, max_new_tokens=300, no early stop) on the same model and --ref-images images
-and the eval/reference ratio. Training runs first, so generation sees a projection that
-already answers with sentences (an untrained one may stop, or ramble, at random).
+              each row stopping at its sentence end, f_text, cosine scores
+  bare        images/s of a bare decode loop of the same LM on the same machine: one prefill
+              of the same prompt length, then as many one-token steps as the answers took,
+              no stopping, no text: the ceiling that evaluation can approach
+  reference   images/s of reference-style evaluation (the GMM/MiniGPT-4 script: one image at
+              a time, max_new_tokens=300, no early stop), with --ref-images N
 
-    python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 20]
+`train` and `eval` are measured twice: for this checkout ("current") and for the code at
+--baseline (default: the commit before the speed work), whose harness/vlm.py is read from
+git and built around the same frozen encoder and LM. Both train the same batches from the
+same initial projection; both evaluate the projection that "current" trained (copied), so
+their answers have the same length; each uses its own default evaluation batch.
+
+    python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 40]
 
 --random-weights builds the same shapes without the packaged weights (for machines where
 the 500 MB converted LM cannot travel): the same speed, meaningless answers.
@@ -18,18 +26,24 @@ the 500 MB converted LM cannot travel): the same speed, meaningless answers.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from harness import data as data_mod  # noqa: E402
+from harness import vlm as V  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import discover  # noqa: E402
-from harness.vlm import answer_sentence, build_stack, text_scores  # noqa: E402
+
+LANDED = "36bd2cd"  # main before the speed work: fp32, mask, strided LM head, prompt recomputed
 
 
 def sync(device: torch.device) -> None:
@@ -37,11 +51,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def random_stack(in_channels: int, visual_tokens: int, image_size: int):
+def random_stack(in_channels: int, visual_tokens: int, image_size: int) -> V.VisionLanguageModel:
     """The offline stack's shapes with random weights (SmolLM2-135M's config, Lite0's layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from harness import vlm as V
 
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -58,105 +70,181 @@ def random_stack(in_channels: int, visual_tokens: int, image_size: int):
                                  "offline-random")
 
 
+def landed_stack(ref: str, current: V.VisionLanguageModel, question: str):
+    """The VisionLanguageModel of commit `ref` around the same encoder, LM (float32, as that code
+    ran it) and tokenizer, with a copy of the current initial projection; None without git."""
+    try:
+        src = subprocess.run(["git", "show", f"{ref}:harness/vlm.py"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"landed code at {ref} not readable ({exc}): no comparison")
+        return None
+    spec = importlib.util.spec_from_loader("landed_vlm", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    exec(compile(src, f"{ref}:harness/vlm.py", "exec"), mod.__dict__)
+    lm = current.lm if current.lm_dtype == torch.float32 else copy.deepcopy(current.lm).float()
+    old = mod.VisionLanguageModel(current.encoder, copy.deepcopy(current.proj), lm, current.tokenizer,
+                                  current.text_encoder, mod.CHATML, "landed")
+    old.set_question(question)
+    return old
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="as gmm.precision")
+    ap.add_argument("--question", default="after_image", choices=("after_image", "before_image"), help="as gmm.question")
     ap.add_argument("--visual-tokens", type=int, default=4)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=16, help="training batch")
-    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=112, help="GMM's QuickDraw setting")
+    ap.add_argument("--batch", type=int, default=16, help="training batch (GMM's default)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="high enough that answers are sentences after --steps")
+    ap.add_argument("--steps", type=int, default=40, help="timed training steps (current code)")
+    ap.add_argument("--landed-steps", type=int, default=8, help="timed training steps (landed code)")
+    ap.add_argument("--eval-batch", type=int, default=256, help="current code (GMM's default)")
+    ap.add_argument("--landed-eval-batch", type=int, default=64, help="landed code (its default)")
     ap.add_argument("--encoder-batch", type=int, default=256, help="images per encoder call")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps")
-    ap.add_argument("--images", type=int, default=128, help="images for encoder and eval timing")
-    ap.add_argument("--ref-images", type=int, default=2)
+    ap.add_argument("--images", type=int, default=256, help="test images for encoder and eval timing")
+    ap.add_argument("--ref-images", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--baseline", default=LANDED, help="git revision to compare with ('' skips it)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     discover()
     data = data_mod.prepare(get_protocol("quickdraw20_2x10"))
-    n = max(args.images, args.batch * args.steps)
-    idx = torch.randperm(len(data.train.targets), generator=torch.Generator().manual_seed(0))[:n]
+    n = args.batch * (args.steps + 1)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data.train.targets), generator=g)[:n]
     x = torch.stack([data.train[int(i)][0] for i in idx])
     y = torch.tensor([data.train.targets[int(i)] for i in idx])
+    tidx = torch.randperm(len(data.test.targets), generator=g)[: args.images]
+    xt = torch.stack([data.test[int(i)][0] for i in tidx])
+    yt = torch.tensor([data.test.targets[int(i)] for i in tidx])
 
     t = time.perf_counter()
     vlm = random_stack(1, args.visual_tokens, args.image_size) if args.random_weights else \
-        build_stack("offline", in_channels=1, visual_tokens=args.visual_tokens, image_size=args.image_size)
-    vlm.set_question("What is this drawing of?")
+        V.build_stack("offline", in_channels=1, visual_tokens=args.visual_tokens, image_size=args.image_size)
+    vlm.set_lm_dtype(V.lm_precision(args.precision, dev))
+    vlm.set_question("What is this drawing of?", before_image=args.question == "before_image")
     vlm.to(dev)
+    old = landed_stack(args.baseline, vlm, "What is this drawing of?") if args.baseline else None
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-          f" stack {'random weights' if args.random_weights else 'offline'} loaded in {time.perf_counter() - t:.1f}s")
+          f" stack {'random weights' if args.random_weights else 'offline'}, LM {vlm.lm_dtype}, question "
+          f"{args.question}, loaded in {time.perf_counter() - t:.1f}s", flush=True)
 
     @torch.no_grad()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        # Features stay on the device (as GMM's training batches need them there): a copy
-        # back to the host per chunk would time the transfer, not the encoder.
+        # Features stay on the device (as GMM's training batches need them there).
         with amp:
-            return torch.cat([vlm.encoder(c.to(dev)).float() for c in images.split(args.encoder_batch)])
+            return torch.cat([vlm.encoder.eval()(c.to(dev)).float() for c in images.split(args.encoder_batch)])
 
-    encode(x[:8])  # warm-up
+    encode(x[: args.encoder_batch])  # warm-up at the timed shape (oneDNN builds kernels per shape)
     sync(dev)
     t = time.perf_counter()
-    feats = encode(x[: args.images])
+    test_feats = encode(xt)
     sync(dev)
-    enc_rate = args.images / (time.perf_counter() - t)
-    if n > args.images:  # the rest of the training batches, untimed
-        feats = torch.cat([feats, encode(x[args.images:])])
+    enc_rate = len(xt) / (time.perf_counter() - t)
+    feats = encode(x)
     print(f"encoder     {enc_rate:9.1f} images/s  ({args.image_size}px, {args.visual_tokens} visual tokens, "
-          f"batch {args.encoder_batch})")
+          f"batch {args.encoder_batch})", flush=True)
 
-    answers = vlm.answer_ids([answer_sentence("drawing", c) for c in data.class_names])
-    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
-    vlm.train()
+    answers = vlm.answer_ids([V.answer_sentence("drawing", c) for c in data.class_names])
 
-    def step(i: int) -> float:
-        sl = slice((i * args.batch) % n, (i * args.batch) % n + args.batch)
-        a = answers[y[sl]]
-        a = a[:, : int((a >= 0).sum(1).max())].to(dev)
-        with amp:
-            loss = vlm.loss(feats[sl].to(dev), a)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def train(model, steps: int) -> float:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
+        model.train()
 
-    step(0)
-    sync(dev)
-    t = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(i + 1)
-    sync(dev)
-    train_rate = args.steps * args.batch / (time.perf_counter() - t)
-    print(f"train       {train_rate:9.1f} samples/s (batch {args.batch}, last loss {loss:.2f})")
+        def step(i: int) -> float:
+            sl = slice(i * args.batch, (i + 1) * args.batch)
+            a = answers[y[sl]]
+            a = a[:, : int((a >= 0).sum(1).max())].to(dev)
+            with amp:
+                loss = model.loss(feats[sl], a)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
 
-    vlm.eval()
+        step(0)  # warm-up, untimed
+        sync(dev)
+        t = time.perf_counter()
+        for i in range(steps):
+            loss = step(i + 1)
+        sync(dev)
+        rate = steps * args.batch / (time.perf_counter() - t)
+        print(f"train       {rate:9.1f} samples/s  [{model.stack_name}] batch {args.batch}, last loss {loss:.2f}",
+              flush=True)
+        return rate
+
+    rates = {}
+    if old is not None:
+        rates["train_landed"] = train(old, args.landed_steps)
+    rates["train"] = train(vlm, args.steps)
+
     class_emb = vlm.text_encoder(data.class_names)
-    ev = feats[: args.images]
-    with torch.no_grad(), amp:
-        vlm.generate(ev[:2].to(dev), 2)
-        sync(dev)
-        t = time.perf_counter()
-        texts = []
-        for c in ev.split(args.eval_batch):
-            texts += vlm.generate(c.to(dev), args.max_new_tokens)
-        scores = text_scores(vlm.text_encoder, texts, class_emb)
-        sync(dev)
-    eval_rate = len(ev) / (time.perf_counter() - t)
-    acc = (scores.argmax(1) == y[: args.images]).float().mean().item() * 100
-    print(f"eval        {eval_rate:9.1f} images/s (batch {args.eval_batch}, max {args.max_new_tokens} new tokens, "
-          f"stop at sentence end; e.g. {texts[0]!r}; train-set accuracy after {args.steps + 1} steps {acc:.0f}%)")
 
+    @torch.no_grad()
+    def evaluate(model, batch: int) -> tuple[float, list[str]]:
+        model.eval()
+        with amp:
+            model.generate(test_feats[:2], 2)
+            sync(dev)
+            t = time.perf_counter()
+            texts = []
+            for c in test_feats.split(batch):
+                texts += model.generate(c, args.max_new_tokens)
+            scores = V.text_scores(model.text_encoder, texts, class_emb)
+            sync(dev)
+        rate = len(test_feats) / (time.perf_counter() - t)
+        acc = (scores.argmax(1).cpu() == yt).float().mean().item() * 100
+        print(f"eval        {rate:9.1f} images/s  [{model.stack_name}] batch {batch}, max {args.max_new_tokens} new "
+              f"tokens, stop at sentence end; e.g. {texts[0]!r}; accuracy {acc:.0f}% after {args.steps + 1} steps",
+              flush=True)
+        return rate, texts
+
+    rates["eval"], texts = evaluate(vlm, args.eval_batch)
+    if old is not None:
+        old.proj.load_state_dict(vlm.proj.state_dict())
+        rates["eval_landed"], _ = evaluate(old, args.landed_eval_batch)
+
+    # The bare loop: the LM alone, as many tokens per image as the prompt and the answers took.
+    prompt_len = sum(len(p) for p in vlm.prompt_ids) + args.visual_tokens
+    answer_len = sum(len(vlm.tokenizer.encode(s)) for s in texts) / len(texts) + 1  # + the stop token
+    steps = max(1, round(answer_len))
+    ids = torch.randint(0, 1000, (args.eval_batch, prompt_len), device=dev)
     with torch.no_grad(), amp:
-        t = time.perf_counter()
-        for i in range(args.ref_images):
-            vlm.generate(ev[i : i + 1].to(dev), 300, early_stop=False)
+        vlm.lm(input_ids=ids[:2], use_cache=True, logits_to_keep=1)  # warm-up
         sync(dev)
-    ref_rate = args.ref_images / (time.perf_counter() - t)
-    print(f"reference   {ref_rate:9.3f} images/s (one image at a time, 300 new tokens, no early stop)")
-    print(f"eval / reference: {eval_rate / ref_rate:.0f}x")
+        t = time.perf_counter()
+        for _ in range(-(-len(test_feats) // args.eval_batch)):
+            out = vlm.lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+            for _ in range(steps - 1):
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = vlm.lm(input_ids=tok, use_cache=True, logits_to_keep=1, **{vlm._cache_kw: V._returned_cache(out)})
+        sync(dev)
+        bare = len(test_feats) / (time.perf_counter() - t)
+    print(f"bare        {bare:9.1f} images/s  (the LM alone: batch {args.eval_batch}, {prompt_len}-token prompt, "
+          f"{steps} tokens generated)")
+
+    if args.ref_images:
+        with torch.no_grad(), amp:
+            t = time.perf_counter()
+            for i in range(args.ref_images):
+                vlm.generate(test_feats[i: i + 1], 300, early_stop=False)
+            sync(dev)
+        ref = args.ref_images / (time.perf_counter() - t)
+        print(f"reference   {ref:9.3f} images/s  (one image at a time, 300 new tokens, no early stop); "
+              f"eval / reference: {rates['eval'] / ref:.0f}x")
+
+    print(f"\nsummary ({dev}): train {rates['train']:.1f} samples/s, eval {rates['eval']:.1f} images/s "
+          f"({rates['eval'] / bare:.2f} of the bare decode loop's {bare:.1f})")
+    if old is not None:
+        print(f"landed code ({args.baseline}): train {rates['train_landed']:.1f} samples/s, eval "
+              f"{rates['eval_landed']:.1f} images/s -> speed-up x{rates['train'] / rates['train_landed']:.2f} train, "
+              f"x{rates['eval'] / rates['eval_landed']:.2f} eval")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="start unfinished runs over instead of resuming from their checkpoint")
     run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
+    run.add_argument("--threads", type=_positive, metavar="N",
+                     help="CPU threads per run (default: the cores idle before each task, so other "
+                          "processes on the machine do not stall it; fix N to repeat a run bit for bit)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     run.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
                      help="a method/protocol file or folder to import (repeatable)")
@@ -109,7 +112,8 @@ def cmd_run(args) -> int:
         RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
                 data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
-                quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins))
+                quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins),
+                threads=args.threads)
         for m in methods for s in args.seeds
     ]
     for spec in specs:

@@ -225,5 +225,9 @@ class CILMethod(SupervisedTemplate):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Inverse of extra_state()."""
 
+    def run_info(self) -> dict[str, Any]:
+        """Settings resolved at run time (e.g. a precision chosen for this hardware), for config.json."""
+        return {}
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

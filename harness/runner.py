@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
-from harness import checkpoint, metrics, results
+from harness import checkpoint, metrics, results, threads
 from harness.errors import HarnessError
 from harness.evaluation import Evaluator
 from harness.method import MethodContext
@@ -52,6 +52,7 @@ class RunSpec:
     restart: bool = False  # ignore an existing checkpoint and start the run over
     quiet: bool = False
     plugins: tuple[str, ...] = ()
+    threads: int | None = None  # CPU threads; None: follow the idle cores (harness.threads)
 
 
 @dataclass
@@ -117,6 +118,8 @@ def execute(spec: RunSpec) -> RunOutcome:
 
 
 def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, changed: dict, path: Path) -> RunOutcome:
+    if spec.threads is not None:
+        threads.fix(spec.threads)
     if results.is_finished(path) and not spec.force:  # finished while we waited for the lock
         return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
     protocol = get_protocol(spec.protocol)
@@ -155,6 +158,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             **identity, "protocol": protocol_dir, "protocol_spec": protocol.to_dict(), "changed_params": changed,
             "device": str(device), "class_names": data.class_names, "train_samples": len(data.train),
             "test_samples": len(data.test), "command": " ".join(sys.argv), "environment": results.environment(),
+            "method_info": method.run_info(),
         })
 
     evaluator = Evaluator(benchmark.test_stream, data.in_memory)
@@ -167,6 +171,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         if step < first_step:
             continue
         classes_seen += len(experience.classes_in_this_experience)
+        n_threads = threads.follow_load()
         t0 = time.perf_counter()
         method.learn(experience)
         t1 = time.perf_counter()
@@ -193,8 +198,9 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         tasks.update(1)
         tasks.set_postfix(acc=f"{seen_acc:.1f}%")
         if not spec.quiet:
+            busy = f", {n_threads} CPU threads: other cores were busy" if n_threads < threads.usable_cores() else ""
             tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
-                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
+                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})")
     tasks.close()
 
     exemplars, memory_bytes = method.memory_usage()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from harness.method import CILMethod, TensorBatches
 from harness.params import Param
 from harness.registry import register_method
-from harness.vlm import answer_sentence, build_stack, feature_cache, text_scores
+from harness.vlm import answer_sentence, build_stack, feature_cache, lm_precision, text_scores
 
 
 @register_method("gmm")
@@ -50,8 +50,14 @@ class GMM(CILMethod):
         "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
         "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
         "lora_r": Param(0, "LoRA rank on the LM (0 = off, as in the paper)", low=0),
+        "precision": Param("auto", "frozen LM weights: bf16 where the hardware computes it natively (AVX-512 BF16/AMX "
+                           "CPUs, CUDA), else fp32; the projection always trains in fp32",
+                           choices=("auto", "fp32", "bf16")),
         "max_new_tokens": Param(16, "generation limit per answer", low=1),
-        "eval_batch_size": Param(64, "images per generation batch", low=1, affects_results=False),
+        "eval_batch_size": Param(256, "images per generation batch", low=1, affects_results=False),
+        "question": Param("after_image", "where the question stands: after the image (MiniGPT-4's order) or before it "
+                          "(a longer constant prompt prefix, computed once: ~1.3x faster on CPU)",
+                          choices=("after_image", "before_image")),
         "memory": Param(0, "exemplar images kept in total, class-balanced (0 = none, as in the paper)", low=0),
         "feature_replay": Param(False, "replay stored encoder features of old classes (exemplar-free)"),
         "replay_kind": Param("samples", "feature replay: stored vectors or per-class Gaussian", choices=("samples", "gaussian")),
@@ -79,9 +85,11 @@ class GMM(CILMethod):
         p, hp = self.context.protocol, self.hp
         vlm = build_stack(hp["model"], in_channels=p.channels, visual_tokens=hp["visual_tokens"],
                           image_size=hp["image_size"], hf_name=hp["hf_name"])
+        self.lm_dtype = lm_precision(hp["precision"], self.context.device)
+        vlm.set_lm_dtype(self.lm_dtype)
         if hp["lora_r"]:
             vlm.add_lora(hp["lora_r"])
-        vlm.set_question(f"What is this {p.noun} of?")
+        vlm.set_question(f"What is this {p.noun} of?", before_image=hp["question"] == "before_image")
         self.answers = vlm.answer_ids([answer_sentence(p.noun, c) for c in self.context.class_names])
         self.class_embeddings = vlm.text_encoder(self.context.class_names)
         return vlm
@@ -202,6 +210,9 @@ class GMM(CILMethod):
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         texts = self.answers_for(x)
         return text_scores(self.model.text_encoder, texts, self.class_embeddings[: self.n_seen])
+
+    def run_info(self) -> dict[str, Any]:
+        return {"lm_dtype": str(self.lm_dtype).removeprefix("torch.")}
 
     # ---- memory and checkpoints ------------------------------------------------------
     def memory_usage(self) -> tuple[int, int]:

@@ -6,6 +6,12 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from harness import threads  # noqa: E402
+
+# Runs would otherwise pick their threads from the machine's load before each task, and float
+# sums differ slightly with the thread count: straight-vs-resumed comparisons must not see that.
+threads.fix(torch.get_num_threads())
+
 
 @pytest.fixture(autouse=True)
 def _seeded():

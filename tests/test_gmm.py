@@ -221,3 +221,74 @@ def test_checkpoint_holds_only_trainable_weights_and_restores(tmp_path):
     fresh.restore(state, [exp])
     assert torch.equal(fresh.model.proj.weight, method.model.proj.weight)
     assert fresh.memory_usage() == method.memory_usage() and fresh.n_seen == 10
+
+
+@pytest.mark.parametrize("before_image", [False, True], ids=["question_after_image", "question_before_image"])
+def test_reused_prompt_prefix_gives_the_same_loss_gradient_and_answers(before_image):
+    """The constant prompt's keys/values, computed once, change nothing: the loss equals the LM's
+    own forward over the whole padded sequence (the formula without any shortcut), and
+    gradients and greedy answers equal those of recomputing the prompt every time."""
+    torch.manual_seed(0)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_question("What is this drawing of?", before_image=before_image)
+    assert ("What" in vlm.tokenizer.decode(vlm.prompt_ids[0].tolist())) == before_image
+    feats = vlm.encoder(torch.rand(6, 1, 28, 28))
+    answers = vlm.answer_ids([answer_sentence("drawing", n) for n in NAMES])  # different lengths: padding
+
+    full = torch.cat([vlm.prompt_embeds(feats), vlm.lm.get_input_embeddings()(answers.clamp(min=0))], 1)
+    mask = torch.cat([torch.ones(6, full.shape[1] - answers.shape[1], dtype=torch.long), (answers >= 0).long()], 1)
+    logits = vlm.lm(inputs_embeds=full, attention_mask=mask).logits[:, -answers.shape[1] - 1:-1]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=-100)
+
+    results = {}
+    for reuse in (False, True):
+        vlm.reuse_prefix = reuse
+        vlm.proj.zero_grad()
+        loss = vlm.loss(feats, answers)
+        loss.backward()
+        results[reuse] = (loss.detach(), vlm.proj.weight.grad.clone(), vlm.generate(feats, max_new_tokens=12))
+    assert vlm._prefix_kv  # the prefix was computed once and kept
+    torch.testing.assert_close(results[True][0], expected)
+    torch.testing.assert_close(results[False][0], expected)
+    torch.testing.assert_close(results[True][1], results[False][1])
+    assert results[True][2] == results[False][2]
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_any_answer():
+    torch.manual_seed(1)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_question("What is this drawing of?")
+    feats = vlm.encoder(torch.rand(16, 1, 28, 28))
+    vlm.stop_ids = torch.tensor([24])  # a byte this random model writes early in some rows, late or never in others
+    calls = []
+    hook = vlm.lm.register_forward_hook(lambda m, a, kw, out: calls.append(len(kw.get("input_ids", [None] * 16))),
+                                        with_kwargs=True)
+    dropping = vlm.generate(feats, max_new_tokens=10)
+    hook.remove()
+    keeping = vlm.generate(feats, max_new_tokens=10, early_stop=False)
+    assert dropping == keeping
+    assert calls[0] == 16 and min(calls) < 16  # later steps ran on fewer rows
+
+
+def test_a_trained_language_model_recomputes_its_prefix():
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=1)
+    assert vlm._prefix_cache(2, torch.device("cpu")) is not None
+    vlm.add_lora(4)  # the LM's own weights now train: its keys/values of the prefix change every step
+    assert vlm._prefix_cache(2, torch.device("cpu")) is None
+
+
+def test_bf16_language_model_keeps_a_float32_projection_that_learns():
+    from harness.vlm import lm_precision
+
+    assert lm_precision("fp32", torch.device("cpu")) == torch.float32
+    assert lm_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert lm_precision("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_lm_dtype(torch.bfloat16)
+    assert vlm.lm_dtype == torch.bfloat16 and {p.dtype for p in vlm.lm.parameters()} == {torch.bfloat16}
+    assert vlm.proj.weight.dtype == torch.float32
+    feats = vlm.encoder(torch.rand(4, 1, 28, 28))
+    loss = vlm.loss(feats, vlm.answer_ids(["This is a drawing of a cat."] * 4))
+    loss.backward()
+    assert torch.isfinite(loss) and vlm.proj.weight.grad.dtype == torch.float32 and vlm.proj.weight.grad.abs().sum() > 0
+    assert len(vlm.generate(feats, max_new_tokens=4)) == 4
