@@ -7,8 +7,9 @@ train, test images to evaluate):
   eval        images/s of GMM's prediction: batched greedy generation with the KV cache,
               each row stopping at its sentence end, f_text, cosine scores
   bare        images/s of a bare decode loop of the same LM on the same machine: one prefill
-              of the same prompt length, then as many one-token steps as the answers took,
-              no stopping, no text: the ceiling that evaluation can approach
+              as long as the prompt tokens computed per image (the constant prefix is reused),
+              then as many one-token steps as the answers took, no stopping, no text: the
+              ceiling that evaluation can approach
   reference   images/s of reference-style evaluation (the GMM/MiniGPT-4 script: one image at
               a time, max_new_tokens=300, no early stop), with --ref-images N
 
@@ -49,6 +50,22 @@ LANDED = "36bd2cd"  # main before the speed work: fp32, mask, strided LM head, p
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def gemm_gflops(device: torch.device, seconds: float = 1.0) -> float:
+    """fp32 GFLOPS of one of the LM's own matrix products (batch-16 training shape): a shared or
+    throttled machine shows here first, so figures from different moments can be compared."""
+    x, w = torch.randn(496, 576, device=device), torch.randn(1536, 576, device=device)
+    torch.nn.functional.linear(x, w)
+    sync(device)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        torch.nn.functional.linear(x, w)
+        n += 1
+        if n % 10 == 0:
+            sync(device)
+    sync(device)
+    return n * 2 * 496 * 576 * 1536 / (time.perf_counter() - t) / 1e9
 
 
 def random_stack(in_channels: int, visual_tokens: int, image_size: int) -> V.VisionLanguageModel:
@@ -113,6 +130,7 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    gemm_start = gemm_gflops(dev)
     discover()
     data = data_mod.prepare(get_protocol("quickdraw20_2x10"))
     n = args.batch * (args.steps + 1)
@@ -211,7 +229,8 @@ def main(argv=None) -> None:
         rates["eval_landed"], _ = evaluate(old, args.landed_eval_batch)
 
     # The bare loop: the LM alone, as many tokens per image as the prompt and the answers took.
-    prompt_len = sum(len(p) for p in vlm.prompt_ids) + args.visual_tokens
+    # the prompt tokens computed per image: the constant prefix, reused, is not among them
+    prompt_len = args.visual_tokens + len(vlm.prompt_ids[1]) + (0 if vlm.reuse_prefix else len(vlm.prompt_ids[0]))
     answer_len = sum(len(vlm.tokenizer.encode(s)) for s in texts) / len(texts) + 1  # + the stop token
     steps = max(1, round(answer_len))
     ids = torch.randint(0, 1000, (args.eval_batch, prompt_len), device=dev)
@@ -239,7 +258,8 @@ def main(argv=None) -> None:
         print(f"reference   {ref:9.3f} images/s  (one image at a time, 300 new tokens, no early stop); "
               f"eval / reference: {rates['eval'] / ref:.0f}x")
 
-    print(f"\nsummary ({dev}): train {rates['train']:.1f} samples/s, eval {rates['eval']:.1f} images/s "
+    print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
+    print(f"summary ({dev}): train {rates['train']:.1f} samples/s, eval {rates['eval']:.1f} images/s "
           f"({rates['eval'] / bare:.2f} of the bare decode loop's {bare:.1f})")
     if old is not None:
         print(f"landed code ({args.baseline}): train {rates['train_landed']:.1f} samples/s, eval "

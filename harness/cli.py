@@ -11,7 +11,7 @@ from typing import Sequence
 from harness.errors import HarnessError
 
 # The embedded default: bounds, a classic and the flagship on the 2-task QuickDraw stream.
-# Measured on 2 idle CPU cores: 10.9 min in all, 9.9 of them GMM (the other three ~35 s).
+# Measured on 2 idle CPU cores: 331 s in all, 4.9 min of them GMM (the other three ~25 s).
 DEFAULT_METHODS = ("finetune", "joint", "icarl", "gmm")
 DEFAULT_PROTOCOL = "quickdraw20_2x10"
 DEFAULT_OUT = "results"
@@ -108,12 +108,17 @@ def cmd_run(args) -> int:
     results.check_output_dir(Path(args.out))
     data_mod.load_splits(protocol, args.data_root, args.download)  # missing data -> one line, exit 2
 
+    n_threads = args.threads
+    if n_threads is None and args.workers > 1:  # parallel runs share the cores from the start
+        from harness.threads import usable_cores
+
+        n_threads = max(1, usable_cores() // args.workers)
     specs = [
         RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
                 data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
                 quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins),
-                threads=args.threads)
+                threads=n_threads)
         for m in methods for s in args.seeds
     ]
     for spec in specs:

@@ -313,8 +313,8 @@ class VisionLanguageModel(nn.Module):
         self._decoder_cache_kw = ("cache" if "cache" in inspect.signature(_base_lm(lm).get_decoder().forward).parameters
                                   else "past_key_values")
         # The prompt before the image is the same for every image: while the LM is frozen its
-        # keys/values are computed once and shared by every training step and generation.
-        # A switch so that benchmarks can time the path that recomputes it.
+        # keys/values are computed once and shared by every training step and generation
+        # (reuse_prefix=False recomputes them each time; the tests compare both paths).
         self.reuse_prefix = True
         self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         self.set_question("What is this photo of?")
@@ -360,8 +360,8 @@ class VisionLanguageModel(nn.Module):
         self._prefix_kv.clear()
 
     def set_lm_dtype(self, dtype: torch.dtype) -> None:
-        """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads and
-        runs on AVX-512 BF16/AMX or tensor cores); the trainable projection stays float32."""
+        """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads; it
+        pays on CUDA and AMX CPUs, see native_bf16); the trainable projection stays float32."""
         proj = {id(p) for p in self.proj.parameters()}
         for p in self.lm.parameters():  # buffers (rotary frequencies) stay float32
             if id(p) not in proj and p.is_floating_point():  # the LLaVA projector lives inside lm
@@ -392,8 +392,8 @@ class VisionLanguageModel(nn.Module):
         vis = self.proj(feats.to(next(self.proj.parameters()).dtype))
         b, dev = len(feats), vis.device
         before, after = (self._embed(p.to(dev)).unsqueeze(0).expand(b, -1, -1) for p in self.prompt_ids)
-        parts = [before, vis.to(after.dtype), after] if with_prefix else [vis.to(after.dtype), after]
-        return torch.cat(parts, dim=1)
+        parts = [vis.to(after.dtype), after]
+        return torch.cat([before, *parts] if with_prefix else parts, dim=1)
 
     def _prefix_cache(self, batch: int, device: torch.device):
         """A KV cache already holding the prompt before the image, for `batch` rows; None when

@@ -30,3 +30,15 @@ def test_follow_load_sets_torch_threads_unless_fixed(monkeypatch):
         assert threads.follow_load() == 2 and torch.get_num_threads() == 2
     finally:
         threads.fix(before)
+
+
+def test_threads_option_pins_the_run(tmp_path):
+    from harness.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        code = main(["run", "--methods", "finetune", "--protocol", "quickdraw20_2x10", "--epochs", "1",
+                     "--max-train-per-class", "4", "--threads", "1", "--quiet", "--out", str(tmp_path)])
+        assert code == 0 and torch.get_num_threads() == 1 and threads.follow_load() == 1
+    finally:
+        threads.fix(before)
