@@ -15,9 +15,10 @@ train, test images to evaluate):
 
 `train` and `eval` are measured twice: for this checkout ("current") and for the code at
 --baseline (default: the commit before the speed work), whose harness/vlm.py is read from
-git and built around the same frozen encoder and LM. Both train the same batches from the
-same initial projection; both evaluate the projection that "current" trained (copied), so
-their answers have the same length; each uses its own default evaluation batch.
+git and built around the same frozen encoder and LM. Both train on the same images from the
+same initial projection, batched as each code batches them (the current GMM groups answers
+of one length); both evaluate the projection that "current" trained (copied), so their
+answers have the same length; each uses its own default evaluation batch.
 
     python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 40]
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import data as data_mod  # noqa: E402
 from harness import vlm as V  # noqa: E402
+from harness.method import TensorBatches  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import discover  # noqa: E402
 
@@ -171,12 +173,19 @@ def main(argv=None) -> None:
 
     answers = vlm.answer_ids([V.answer_sentence("drawing", c) for c in data.class_names])
 
-    def train(model, steps: int) -> float:
+    # Batches as each code forms them: the landed GMM shuffled; this one groups answers of one
+    # length (TensorBatches with lengths, as methods/gmm.py does).
+    torch.manual_seed(0)
+    batch_order = {"landed": [b[1] for b in TensorBatches(torch.arange(n), torch.arange(n), args.batch, shuffle=True)],
+                   "current": [b[1] for b in TensorBatches(torch.arange(n), torch.arange(n), args.batch, shuffle=True,
+                                                           lengths=(answers[y] >= 0).sum(1))]}
+
+    def train(model, steps: int, order: list[torch.Tensor]) -> float:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
         model.train()
 
         def step(i: int) -> float:
-            sl = slice(i * args.batch, (i + 1) * args.batch)
+            sl = order[i % len(order)]
             a = answers[y[sl]]
             a = a[:, : int((a >= 0).sum(1).max())].to(dev)
             with amp:
@@ -199,8 +208,8 @@ def main(argv=None) -> None:
 
     rates = {}
     if old is not None:
-        rates["train_landed"] = train(old, args.landed_steps)
-    rates["train"] = train(vlm, args.steps)
+        rates["train_landed"] = train(old, args.landed_steps, batch_order["landed"])
+    rates["train"] = train(vlm, args.steps, batch_order["current"])
 
     class_emb = vlm.text_encoder(data.class_names)
 

@@ -65,18 +65,29 @@ class TensorBatches:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment: str = "none",
-                 extras: tuple[torch.Tensor, ...] = ()):
+                 extras: tuple[torch.Tensor, ...] = (), lengths: torch.Tensor | None = None):
         # extras: more per-sample tensors (e.g. precomputed teacher logits), served between y and the task label
+        # lengths: per-sample sequence lengths; shuffled batches then group similar lengths (less padding)
         self.x, self.y, self.batch_size, self.shuffle, self.augment = x, y, batch_size, shuffle, augment
-        self.extras = extras
+        self.extras, self.lengths = extras, lengths
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
 
-    def __iter__(self):
+    def _batches(self) -> list[torch.Tensor]:
         n = len(self.y)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        for idx in order.split(self.batch_size):
+        if self.lengths is None or not self.shuffle:
+            return list(order.split(self.batch_size))
+        # The shuffled order cut into pools of 8 batches, each pool sorted by length, then
+        # the batches shuffled: random batches whose members have nearly the same length.
+        batches = []
+        for pool in order.split(8 * self.batch_size):
+            batches += pool[torch.sort(self.lengths[pool], stable=True).indices].split(self.batch_size)
+        return [batches[i] for i in torch.randperm(len(batches))]
+
+    def __iter__(self):
+        for idx in self._batches():
             x = self.x[idx]
             if self.augment != "none":
                 x = batch_augment(x, self.augment)

@@ -152,6 +152,9 @@ class EfficientNetTokens(nn.Module):
 
         self.grid = _grid(n_tokens)
         self.net = EfficientNetLite0Features(in_channels, image_size, pretrained=pretrained, pool=False)
+        # Channels-last weights make oneDNN run the convolutions in NHWC: 1.6x faster on 2 CPU
+        # cores (90 -> 147 images/s at 112 px, outputs equal to 2e-5); the encoder is frozen.
+        self.net.to(memory_format=torch.channels_last)
         self.out_dim = self.net.out_dim
         self.id = f"effnet_lite0-{'in1k' if pretrained else 'random'}-c{in_channels}-{image_size}px-{n_tokens}tok"
 

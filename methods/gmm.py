@@ -135,7 +135,8 @@ class GMM(CILMethod):
         if len(ry):
             x, y = torch.cat([x, rx.to(x.dtype)]), torch.cat([y, ry])
         self.train_size = len(y)  # Avalanche drops the dataloader after training; tests read this
-        self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True)
+        # Batches of answers of one length: no step pays for padding (~1.2 of ~27 tokens a sample)
+        self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True, lengths=(self.answers[y] >= 0).sum(1))
 
     def _replay_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []

@@ -292,3 +292,22 @@ def test_bf16_language_model_keeps_a_float32_projection_that_learns():
     loss.backward()
     assert torch.isfinite(loss) and vlm.proj.weight.grad.dtype == torch.float32 and vlm.proj.weight.grad.abs().sum() > 0
     assert len(vlm.generate(feats, max_new_tokens=4)) == 4
+
+
+def test_length_grouped_batches_cover_every_sample_once_with_little_padding():
+    from harness.method import TensorBatches
+
+    torch.manual_seed(0)
+    n, bs = 200, 16
+    lengths = torch.randint(9, 12, (n,))  # GMM's answers on QuickDraw are 9-11 tokens
+    x = torch.arange(n).float().unsqueeze(1)
+
+    def padding(batches):
+        return sum(int((lengths[b].max() - lengths[b]).sum()) for b in batches)
+
+    grouped = TensorBatches(x, torch.arange(n), bs, shuffle=True, lengths=lengths)
+    batches = [b[1] for b in grouped]
+    assert len(batches) == len(grouped) and sorted(torch.cat(batches).tolist()) == list(range(n))
+    plain = [b[1] for b in TensorBatches(x, torch.arange(n), bs, shuffle=True)]
+    assert padding(batches) < padding(plain) / 4
+    assert [b[1] for b in grouped][0].tolist() != batches[0].tolist()  # a new order every epoch
