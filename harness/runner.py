@@ -198,7 +198,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         tasks.update(1)
         tasks.set_postfix(acc=f"{seen_acc:.1f}%")
         if not spec.quiet:
-            busy = f", {n_threads} CPU threads: other cores were busy" if n_threads < threads.usable_cores() else ""
+            busy = (f", {n_threads} CPU threads: other cores were busy"
+                    if n_threads < threads.usable_cores() and not threads.pinned() else "")
             tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
                         f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})")
     tasks.close()

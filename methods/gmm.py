@@ -50,8 +50,8 @@ class GMM(CILMethod):
         "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
         "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
         "lora_r": Param(0, "LoRA rank on the LM (0 = off, as in the paper)", low=0),
-        "precision": Param("auto", "frozen LM weights: bf16 where the hardware computes it natively (AVX-512 BF16/AMX "
-                           "CPUs, CUDA), else fp32; the projection always trains in fp32",
+        "precision": Param("auto", "frozen LM weights: bf16 where it is faster than fp32 (CUDA, AMX CPUs), "
+                           "else fp32; the projection always trains in fp32",
                            choices=("auto", "fp32", "bf16")),
         "max_new_tokens": Param(16, "generation limit per answer", low=1),
         "eval_batch_size": Param(256, "images per generation batch", low=1, affects_results=False),
