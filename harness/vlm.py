@@ -394,9 +394,9 @@ class VisionLanguageModel(nn.Module):
         """[prompt before image][projected visual tokens][question and assistant turn]."""
         vis = self.proj(feats.to(next(self.proj.parameters()).dtype))
         b, dev = len(feats), vis.device
-        before, after = (self._embed(p.to(dev)).unsqueeze(0).expand(b, -1, -1) for p in self.prompt_ids)
-        parts = [vis.to(after.dtype), after]
-        return torch.cat([before, *parts] if with_prefix else parts, dim=1)
+        ids = self.prompt_ids if with_prefix else self.prompt_ids[1:]
+        *before, after = (self._embed(p.to(dev)).unsqueeze(0).expand(b, -1, -1) for p in ids)
+        return torch.cat([*before, vis.to(after.dtype), after], dim=1)
 
     def _prefix_cache(self, batch: int, device: torch.device):
         """A KV cache already holding the prompt before the image, for `batch` rows; None when
