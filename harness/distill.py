@@ -49,8 +49,9 @@ def sigmoid_distillation_loss(
 
     per_class="sum" sums over classes (mean over the batch), so each output gets a
     gradient of the size cross-entropy gives it; "mean" averages over classes as
-    PyCIL and Avalanche do, which shrinks every gradient by the number of classes
-    (the original iCaRL made up for it with learning rate 2.0).
+    Avalanche's ICaRL does, which shrinks every gradient by the number of classes
+    (the original iCaRL made up for it with learning rate 2.0). PyCIL's iCaRL uses no BCE
+    at all: softmax cross-entropy on every seen class plus KL distillation (T=2).
     """
     targets = F.one_hot(labels, logits.shape[1]).float()
     if teacher_logits is not None:

@@ -52,7 +52,7 @@ class ICaRL(RehearsalMethod):
         "milestones": Param("", "multistep: epochs where the lr is multiplied by lr_decay, e.g. 80,120"),
         "init_milestones": Param("", "multistep milestones of the first task; empty = milestones"),
         "lr_decay": Param(0.1, "multistep: lr factor at each milestone", low=0.0, high=1.0),
-        "bce": Param("sum", "BCE over classes: sum (CE-sized gradients) or mean (PyCIL/Avalanche)",
+        "bce": Param("sum", "BCE over classes: sum (CE-sized gradients) or mean (Avalanche's ICaRL)",
                      choices=("sum", "mean")),
     }
     protocol_defaults = RECIPES
