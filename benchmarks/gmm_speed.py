@@ -237,8 +237,8 @@ def main(argv=None) -> None:
         old.proj.load_state_dict(vlm.proj.state_dict())
         rates["eval_landed"], _ = evaluate(old, args.landed_eval_batch)
 
-    # The bare loop: the LM alone, as many tokens per image as the prompt and the answers took.
-    # the prompt tokens computed per image: the constant prefix, reused, is not among them
+    # The bare loop: the LM alone, as many tokens per image as the prompt (less the reused
+    # constant prefix) and the answers took.
     prompt_len = args.visual_tokens + len(vlm.prompt_ids[1]) + (0 if vlm.reuse_prefix else len(vlm.prompt_ids[0]))
     answer_len = sum(len(vlm.tokenizer.encode(s)) for s in texts) / len(texts) + 1  # + the stop token
     steps = max(1, round(answer_len))

@@ -312,9 +312,8 @@ class VisionLanguageModel(nn.Module):
         self.encoder.requires_grad_(False).eval()
         self.lm.requires_grad_(False)
         self.proj.requires_grad_(True)
-        self._cache_kw = "cache" if "cache" in inspect.signature(_base_lm(lm).forward).parameters else "past_key_values"
-        self._decoder_cache_kw = ("cache" if "cache" in inspect.signature(_base_lm(lm).get_decoder().forward).parameters
-                                  else "past_key_values")
+        self._cache_kw = _cache_kwarg(_base_lm(lm).forward)
+        self._decoder_cache_kw = _cache_kwarg(_base_lm(lm).get_decoder().forward)
         # The prompt before the image is the same for every image: while the LM is frozen its
         # keys/values are computed once and shared by every training step and generation
         # (reuse_prefix=False recomputes them each time; the tests compare both paths).
@@ -365,9 +364,8 @@ class VisionLanguageModel(nn.Module):
     def set_lm_dtype(self, dtype: torch.dtype) -> None:
         """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads; it
         pays on CUDA and AMX CPUs, see native_bf16); the trainable projection stays float32."""
-        proj = {id(p) for p in self.proj.parameters()}
-        for p in self.lm.parameters():  # buffers (rotary frequencies) stay float32
-            if id(p) not in proj and p.is_floating_point():  # the LLaVA projector lives inside lm
+        for p in self._lm_own_parameters():  # buffers (rotary frequencies) stay float32
+            if p.is_floating_point():
                 p.data = p.data.to(dtype)
         self._prefix_kv.clear()
 
@@ -375,9 +373,13 @@ class VisionLanguageModel(nn.Module):
     def lm_dtype(self) -> torch.dtype:
         return self.lm.get_input_embeddings().weight.dtype
 
-    def _lm_trains(self) -> bool:
+    def _lm_own_parameters(self):
+        """The LM's parameters without the projection's (LLaVA's projector lives inside lm)."""
         proj = {id(p) for p in self.proj.parameters()}
-        return any(p.requires_grad and id(p) not in proj for p in self.lm.parameters())
+        return (p for p in self.lm.parameters() if id(p) not in proj)
+
+    def _lm_trains(self) -> bool:
+        return any(p.requires_grad for p in self._lm_own_parameters())
 
     def answer_ids(self, sentences: Sequence[str]) -> Tensor:
         """Token ids of answers + end token, right-padded with -100 (ignored by the loss)."""
@@ -474,6 +476,11 @@ class VisionLanguageModel(nn.Module):
             cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
             texts.append(self.tokenizer.decode(seq[:cut]).strip())
         return texts
+
+
+def _cache_kwarg(forward) -> str:
+    """transformers 5 names a forward's KV-cache argument `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _returned_cache(out):
