@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
-    """Random crop after zero padding plus horizontal flip, as in the CIFAR recipes."""
+def random_crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding (a random shift of up to `padding` pixels), plus a
+    random horizontal flip, as in the CIFAR recipes."""
     b, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (b,))
@@ -14,12 +15,16 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
     out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(b) < 0.5
-    out[flip] = out[flip].flip(-1)
+    if flip:
+        flipped = torch.rand(b) < 0.5
+        out[flipped] = out[flipped].flip(-1)
     return out
 
 
-def batch_augment(x: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "crop_flip":
-        return random_crop_flip(x)
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+def batch_augment(x: torch.Tensor, kind: str, padding: int = 4) -> torch.Tensor:
+    if kind in ("crop", "crop_flip"):
+        return random_crop_flip(x, padding, flip=kind == "crop_flip")
     return x

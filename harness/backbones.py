@@ -1,6 +1,8 @@
 """Shared feature extractors. Each maps images (B, C, H, W) in [0, 1] to (B, out_dim).
 
 - convnet: a small 2-conv CNN (the size of Avalanche's QuickDraw peer runs);
+- convnet_bn: 6 conv+BN layers, 16/32/64 channels, global average pool (75K parameters):
+  the QuickDraw/Fashion-MNIST recipe's backbone (harness/recipes.py says why);
 - resnet32: the CIFAR ResNet-32 of iCaRL/PyCIL, trained from scratch;
 - resnet18: torchvision's ResNet-18 with a 3x3 stem for small images;
 - efficientnet_lite0: ImageNet-pretrained EfficientNet-Lite0 from a PyPI package.
@@ -55,6 +57,31 @@ class ConvNet(nn.Module):
 @backbone("convnet")
 def convnet(in_channels: int, image_size: int) -> nn.Module:
     return ConvNet(in_channels, image_size)
+
+
+class ConvNetBN(nn.Module):
+    """Three stages of two 3x3 conv + BN + ReLU, 2x2 max-pool between stages, global average pool."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for cin in (in_channels, w):
+                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            in_channels = w
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = widths[-1]
+
+    def forward(self, x):
+        return self.pool(self.body(x)).flatten(1)
+
+
+@backbone("convnet_bn")
+def convnet_bn(in_channels: int, image_size: int) -> nn.Module:
+    return ConvNetBN(in_channels)
 
 
 class _BasicBlock(nn.Module):

@@ -25,7 +25,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness.augment import batch_augment
+from harness.augment import AUGMENTATIONS, batch_augment
 from harness.backbones import IncrementalNet, backbone_names, create_backbone
 from harness.data import ImageTensorDataset
 from harness.params import Param
@@ -41,6 +41,9 @@ TRAINING_PARAMS: dict[str, Param] = {
     "weight_decay": Param(0.0, "weight decay", low=0.0),
     "backbone": Param("convnet", "feature extractor", choices=tuple(backbone_names())),
     "lr_schedule": Param("none", "per-task learning-rate schedule", choices=("none", "cosine")),
+    "augment": Param("protocol", "training augmentation; protocol = the protocol's own",
+                     choices=("protocol", *AUGMENTATIONS)),
+    "crop_padding": Param(4, "crop augmentations: largest random shift in pixels", low=1),
 }
 
 
@@ -65,11 +68,11 @@ class TensorBatches:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, augment: str = "none",
-                 extras: tuple[torch.Tensor, ...] = (), lengths: torch.Tensor | None = None):
+                 extras: tuple[torch.Tensor, ...] = (), lengths: torch.Tensor | None = None, crop_padding: int = 4):
         # extras: more per-sample tensors (e.g. precomputed teacher logits), served between y and the task label
         # lengths: per-sample sequence lengths; shuffled batches then group similar lengths (less padding)
         self.x, self.y, self.batch_size, self.shuffle, self.augment = x, y, batch_size, shuffle, augment
-        self.extras, self.lengths = extras, lengths
+        self.extras, self.lengths, self.crop_padding = extras, lengths, crop_padding
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -90,7 +93,7 @@ class TensorBatches:
         for idx in self._batches():
             x = self.x[idx]
             if self.augment != "none":
-                x = batch_augment(x, self.augment)
+                x = batch_augment(x, self.augment, self.crop_padding)
             yield [x, self.y[idx], *(e[idx] for e in self.extras), torch.zeros(len(idx), dtype=torch.long)]
 
 
@@ -159,7 +162,13 @@ class CILMethod(SupervisedTemplate):
         if not self.context.in_memory:
             return super().make_train_dataloader(**kwargs)
         x, y = materialise(self.adapted_dataset)
-        self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True, augment=self.context.protocol.augment)
+        self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True, augment=self.augmentation(),
+                                        crop_padding=self.hp.get("crop_padding", 4))
+
+    def augmentation(self) -> str:
+        """The training augmentation: the method's `augment` setting, else the protocol's."""
+        kind = self.hp.get("augment", "protocol")
+        return self.context.protocol.augment if kind == "protocol" else kind
 
     # ---- the harness-facing contract ------------------------------------------------
     def learn(self, experience) -> None:

@@ -32,7 +32,8 @@ class Param:
 
     def coerce(self, key: str, value: Any) -> Any:
         """Turn a CLI string (or a Python value) into this parameter's type, or explain."""
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        is_choice = self.choices is not None and value in self.choices  # e.g. lr_schedule=none
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and not is_choice):
             if self.nullable or self.default is None:
                 return None
             raise HarnessError(f"{key} cannot be none")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from harness.augment import AUGMENTATIONS
 from harness.errors import HarnessError
 from harness.registry import PROTOCOLS
 
@@ -28,7 +29,7 @@ class Protocol:
     image_size: int = 32
     channels: int = 3
     noun: str = "photo"  # "This is a <noun> of a <class>." for generative methods
-    augment: str = "none"  # batch augmentation while training: "none" or "crop_flip"
+    augment: str = "none"  # batch augmentation while training: harness.augment.AUGMENTATIONS
     family: str = ""  # groups protocols for per-protocol method defaults (e.g. "cifar100")
     description: str = ""
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -57,8 +58,8 @@ class Protocol:
             )
         if self.class_order is not None and len(self.class_order) != self.num_classes:
             raise HarnessError(f"protocol {self.name}: class_order lists {len(self.class_order)} classes, expected {self.num_classes}")
-        if self.augment not in ("none", "crop_flip"):
-            raise HarnessError(f"protocol {self.name}: augment must be 'none' or 'crop_flip', not {self.augment!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise HarnessError(f"protocol {self.name}: augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
         if self.shots is not None and self.shots < 1:
             raise HarnessError(f"protocol {self.name}: shots must be positive")
 

@@ -106,7 +106,7 @@ def test_extra_state_round_trip(tmp_path):
     hp, _ = resolve_params(cls, protocol.family, [("lwm", "memory", "20")])
     make = lambda: cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
     method = make()
-    method.model = tiny_net()
+    method.model = tiny_net(hp["backbone"])
     method.old_model, method.n_old = frozen_copy(method.model), N_CLASSES
     for c in (0, 1):
         method.memory.add(c, torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8))

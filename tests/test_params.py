@@ -37,7 +37,7 @@ def test_resolution_order_default_family_cli_set():
     hp, changed = resolve_params(cls, "quickdraw", [("finetune", "lr", "0.5"), (None, "epochs", "2")], {"epochs": 7})
     assert hp["lr"] == 0.5 and hp["epochs"] == 2 and changed == {"lr": 0.5, "epochs": 2}
     hp, _ = resolve_params(cls, "quickdraw", [("joint", "lr", "0.5")])
-    assert hp["lr"] == 0.01  # an override for another method leaves this one alone
+    assert hp["lr"] == 0.1  # an override for another method leaves this one alone
 
 
 def test_validate_refuses_unknown_keys_and_methods():
@@ -51,3 +51,9 @@ def test_validate_refuses_unknown_keys_and_methods():
         validate_set_options([(None, "nonsense", "1")], methods)
     with pytest.raises(HarnessError, match="expected float"):
         validate_set_options([("finetune", "lr", "fast")], methods)
+
+
+def test_none_is_a_value_where_the_choices_name_it():
+    cls = METHODS.get("finetune")
+    hp, changed = resolve_params(cls, "quickdraw", [("finetune", "lr_schedule", "none"), ("finetune", "augment", "none")])
+    assert hp["lr_schedule"] == "none" and hp["augment"] == "none" and changed == {"lr_schedule": "none", "augment": "none"}
