@@ -24,13 +24,21 @@ def frozen_from_state(model: nn.Module, state: dict) -> nn.Module:
     return frozen_copy(model)
 
 
-def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """Hinton et al.'s KD on the teacher's classes: KL(teacher_T || student_T) * T^2, batch mean."""
+def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+               t_squared: bool = True) -> torch.Tensor:
+    """Hinton et al.'s KD on the teacher's classes: KL(teacher_T || student_T), batch mean,
+    times T^2 when `t_squared` (Hinton's gradient scaling).
+
+    PyCIL's iCaRL and FACIL's LwF use no T^2 factor; PyCIL writes it as the cross-entropy
+    -sum(teacher_T * log student_T), which differs from the KL by the teacher's entropy, a
+    constant: same gradients.
+    """
     t = temperature
     n = teacher_logits.shape[1]
     log_p = F.log_softmax(student_logits[:, :n] / t, dim=1)
     q = F.softmax(teacher_logits / t, dim=1)
-    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+    kl = F.kl_div(log_p, q, reduction="batchmean")
+    return kl * t * t if t_squared else kl
 
 
 def sigmoid_distillation_targets(new_targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,9 @@ def nme_scores(features: Tensor, means: Tensor) -> Tensor:
 
 
 class ExemplarMemory:
-    """Class-balanced exemplars under a count budget (`max_items`) or a byte budget (`max_bytes`).
+    """Class-balanced exemplars under a count budget (`max_items`), a byte budget (`max_bytes`)
+    or a fixed number per class (`per_class`: the total grows with the classes, PyCIL's
+    `fixed_memory`).
 
     Usage after training on new classes:
 
@@ -87,15 +89,17 @@ class ExemplarMemory:
             memory.add(c, images_of_c[herding(features_of_c, quota)])
     """
 
-    def __init__(self, max_items: int | None = None, max_bytes: int | None = None):
-        if (max_items is None) == (max_bytes is None):
-            raise ValueError("give exactly one of max_items and max_bytes")
-        self.max_items, self.max_bytes = max_items, max_bytes
+    def __init__(self, max_items: int | None = None, max_bytes: int | None = None, per_class: int | None = None):
+        if sum(b is not None for b in (max_items, max_bytes, per_class)) != 1:
+            raise ValueError("give exactly one of max_items, max_bytes and per_class")
+        self.max_items, self.max_bytes, self.per_class = max_items, max_bytes, per_class
         self.items: dict[int, Tensor] = {}  # label -> (k, ...) tensor, best first
 
     # ---- budget -------------------------------------------------------------------
     def quota(self, n_classes: int, item_bytes: int) -> int:
         """Items per class when `n_classes` share the budget."""
+        if self.per_class is not None:
+            return self.per_class
         if self.max_items is not None:
             return self.max_items // n_classes
         return self.max_bytes // n_classes // item_bytes
@@ -110,6 +114,11 @@ class ExemplarMemory:
     def add(self, label: int, items: Tensor) -> None:
         if label in self.items:
             raise ValueError(f"class {label} is already in the memory")
+        if self.per_class is not None:
+            if len(items) > self.per_class:
+                raise ValueError(f"{len(items)} items of class {label} exceed the {self.per_class} per class")
+            self.items[label] = items.detach().cpu().clone()
+            return
         extra = _nbytes(items) if self.max_bytes is not None else len(items)
         used = self.nbytes if self.max_bytes is not None else len(self)
         budget = self.max_bytes if self.max_bytes is not None else self.max_items

@@ -1,8 +1,14 @@
-"""iCaRL (Rebuffi et al., CVPR 2017): herding exemplars, sigmoid distillation, nearest mean of exemplars.
+"""iCaRL (Rebuffi et al., CVPR 2017): herding exemplars, distillation, nearest mean of exemplars.
 
-- Training data of task t = its new data + the exemplars of every old class.
-- Loss: BCE on all seen-class outputs; targets one-hot for the labels, the previous
-  model's sigmoid outputs for the old classes (harness.distill.sigmoid_distillation_loss).
+- Training data of task t = its new data + the exemplars of every old class, with a
+  fresh optimizer (no momentum carried over) as in the paper and PyCIL.
+- Loss (`icarl.loss`):
+  - `ce_kd` (default), PyCIL's iCaRL, the figures most papers compare against: softmax
+    cross-entropy on all seen classes + KL distillation of the old classes' outputs
+    at T=2, no T^2 factor (harness.distill.softmax_kd);
+  - `bce`, the paper's: BCE on all seen-class outputs; targets one-hot for the labels,
+    the previous model's sigmoid outputs for the old classes
+    (harness.distill.sigmoid_distillation_loss).
 - After training: shrink old classes to the new per-class quota, herd the new classes'
   exemplars with the updated feature extractor, recompute every class mean from its
   exemplars, freeze a copy of the model as the next task's teacher.
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.distill import frozen_copy, sigmoid_distillation_loss
+from harness.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
 from harness.errors import HarnessError
 from harness.memory import ExemplarMemory, check_budget, class_means, herding, to_float, to_uint8
 from harness.method import TRAINING_PARAMS, materialise, with_replay
@@ -21,12 +27,17 @@ from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
 from harness.rehearsal import RehearsalMethod
 
+# PyCIL's iCaRL optimiser (models/icarl.py): SGD lr 0.1, momentum 0.9, batch 128, weight
+# decay 5e-4 on the first task and 2e-4 after.
+_PYCIL_OPTIMISER = {"lr": 0.1, "batch_size": 128, "init_weight_decay": 5e-4, "weight_decay": 2e-4}
 RECIPES = {
     **SUPERVISED_RECIPES,
+    # On doodles: the shared recipe's backbone, augmentation, epochs and cosine schedule.
+    "quickdraw": {**SUPERVISED_RECIPES["quickdraw"], **_PYCIL_OPTIMISER},
+    "fmnist": {**SUPERVISED_RECIPES["fmnist"], **_PYCIL_OPTIMISER},
     # PyCIL's iCaRL schedule for ResNet-32 (docs/methods.md).
-    "cifar100": {"backbone": "resnet32", "lr": 0.1, "batch_size": 128, "weight_decay": 2e-4,
-                 "init_epochs": 200, "epochs": 170, "lr_schedule": "multistep",
-                 "init_milestones": "60,120,170", "milestones": "80,120"},
+    "cifar100": {"backbone": "resnet32", **_PYCIL_OPTIMISER, "init_epochs": 200, "epochs": 170,
+                 "lr_schedule": "multistep", "init_milestones": "60,120,170", "milestones": "80,120"},
 }
 
 
@@ -42,26 +53,36 @@ def _milestones(text: str, key: str) -> list[int]:
 
 @register_method("icarl")
 class ICaRL(RehearsalMethod):
-    description = "iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars classifier"
+    description = "iCaRL: herding exemplars, distillation (PyCIL's CE+KD or the paper's BCE), nearest-mean classifier"
     params = {
         **TRAINING_PARAMS,
+        "loss": Param("ce_kd", "ce_kd: PyCIL's softmax CE + KD (T=2); bce: the paper's sigmoid BCE + distillation",
+                      choices=("ce_kd", "bce")),
+        "temperature": Param(2.0, "ce_kd: distillation temperature", low=0.01),
         "memory": Param(2000, "exemplars kept in total (class-balanced)", low=1),
         "memory_bytes": Param(0, "byte budget of the exemplars as uint8 images; > 0 replaces memory", low=0),
+        "memory_per_class": Param(0, "fixed exemplars per class, the total grows with the classes "
+                                     "(PyCIL's fixed_memory); > 0 replaces memory", low=0),
         "init_epochs": Param(0, "epochs of the first task; 0 = epochs", low=0),
+        "init_weight_decay": Param(-1.0, "weight decay of the first task; -1 = weight_decay", low=-1.0),
         "lr_schedule": Param("none", "per-task learning-rate schedule", choices=("none", "cosine", "multistep")),
         "milestones": Param("", "multistep: epochs where the lr is multiplied by lr_decay, e.g. 80,120"),
         "init_milestones": Param("", "multistep milestones of the first task; empty = milestones"),
         "lr_decay": Param(0.1, "multistep: lr factor at each milestone", low=0.0, high=1.0),
-        "bce": Param("sum", "BCE over classes: sum (CE-sized gradients) or mean (Avalanche's ICaRL)",
-                     choices=("sum", "mean")),
+        "bce": Param("sum", "loss=bce: BCE over classes summed (CE-sized gradients) or averaged "
+                            "(Avalanche's ICaRL)", choices=("sum", "mean")),
     }
     protocol_defaults = RECIPES
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         hp, p = self.hp, self.context.protocol
-        self.memory = (ExemplarMemory(max_bytes=hp["memory_bytes"]) if hp["memory_bytes"] > 0
-                       else ExemplarMemory(max_items=hp["memory"]))
+        if hp["memory_per_class"] > 0:
+            self.memory = ExemplarMemory(per_class=hp["memory_per_class"])
+        elif hp["memory_bytes"] > 0:
+            self.memory = ExemplarMemory(max_bytes=hp["memory_bytes"])
+        else:
+            self.memory = ExemplarMemory(max_items=hp["memory"])
         check_budget(self.memory, p.num_classes, p.channels * p.image_size ** 2, "icarl")
         self.milestones = {"init": _milestones(hp["init_milestones"] or hp["milestones"], "init_milestones"),
                            "later": _milestones(hp["milestones"], "milestones")}
@@ -73,9 +94,12 @@ class ICaRL(RehearsalMethod):
     # ---- training -----------------------------------------------------------------
     def learn(self, experience) -> None:
         first = self.old_model is None
-        self.train_epochs = self.hp["init_epochs"] if first and self.hp["init_epochs"] else self.hp["epochs"]
+        hp = self.hp
+        self.train_epochs = hp["init_epochs"] if first and hp["init_epochs"] else hp["epochs"]
+        decay = hp["init_weight_decay"] if first and hp["init_weight_decay"] >= 0 else hp["weight_decay"]
+        self.optimizer.state.clear()  # a fresh optimizer per task: no momentum from the last one
         for group in self.optimizer.param_groups:
-            group["lr"] = self.hp["lr"]
+            group["lr"], group["weight_decay"] = hp["lr"], decay
             group.pop("initial_lr", None)  # a new scheduler starts from this lr
         if self.hp["lr_schedule"] == "multistep":
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -103,7 +127,13 @@ class ICaRL(RehearsalMethod):
     def criterion(self):
         if not self.is_training:
             return super().criterion()
-        return sigmoid_distillation_loss(self.mb_output, self.mb_y, self.teacher_logits(), per_class=self.hp["bce"])
+        teacher = self.teacher_logits()
+        if self.hp["loss"] == "bce":
+            return sigmoid_distillation_loss(self.mb_output, self.mb_y, teacher, per_class=self.hp["bce"])
+        loss = torch.nn.functional.cross_entropy(self.mb_output, self.mb_y)
+        if teacher is not None:
+            loss = loss + softmax_kd(self.mb_output, teacher, self.hp["temperature"], t_squared=False)
+        return loss
 
     # ---- exemplars and class means ------------------------------------------------
     @torch.no_grad()

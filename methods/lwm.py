@@ -1,7 +1,7 @@
 """LwM: Learning without Memorizing (Dhar, Singh, Peng, Wu, Chellappa; CVPR 2019).
 
-Loss on a new task = CE on the new classes + beta * KD (T=2) of the previous model's
-logits on the old classes + gamma * L_AD, the attention distillation: the Grad-CAM
+Loss on a new task = CE on the new classes + beta * KD (T=2, no T^2 factor, as LwF) of the
+previous model's logits on the old classes + gamma * L_AD, the attention distillation: the Grad-CAM
 maps of the previous model's top old class at the last convolutional block, computed
 for the previous and the current model on the same input, vectorised, L2-normalised,
 L1 distance. The current model's map is built with create_graph=True so L_AD trains it.
@@ -35,6 +35,7 @@ class LwM(CILMethod):
         "beta": Param(1.0, "weight of the logit distillation", low=0.0),
         "gamma": Param(1.0, "weight of the attention distillation L_AD", low=0.0),
         "temperature": Param(2.0, "distillation temperature", low=1e-3),
+        "t_squared": Param(False, "scale the logit distillation by T^2 (Hinton); LwF and FACIL's LwF do not"),
         "memory": Param(0, "exemplars kept in total (class-balanced, random); 0 = exemplar-free", low=0),
     }
     # The finetune recipe unchanged: LwM changes the loss only, so tables compare at equal epochs.
@@ -105,7 +106,7 @@ class LwM(CILMethod):
         old_cams, old_logits = grad_cam(self.old_model, self.mb_x, None, self._cam_layer(self.old_model))
         top = old_logits.argmax(1)
         cams = cam_from(self._fmap, logits.gather(1, top[:, None]).squeeze(1), create_graph=True)
-        kd = softmax_kd(logits, old_logits.detach(), self.hp["temperature"])
+        kd = softmax_kd(logits, old_logits.detach(), self.hp["temperature"], t_squared=self.hp["t_squared"])
         ad = attention_distance(cams, old_cams.detach())
         return ce + self.hp["beta"] * kd + self.hp["gamma"] * ad
 

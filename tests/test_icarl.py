@@ -95,8 +95,9 @@ def icarl_method():
     return cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
 
 
-def test_distillation_targets_come_from_the_frozen_old_model(icarl_method):
+def test_distillation_targets_come_from_the_frozen_old_model(icarl_method, monkeypatch):
     m = icarl_method
+    monkeypatch.setitem(m.hp, "loss", "bce")
     m.model.head.classifier = torch.nn.Linear(m.model.backbone.out_dim, 4)  # 4 "old" classes
     m.model.head.active_units = torch.ones(4, dtype=torch.int8)
     m.old_model = frozen_copy(m.model)
@@ -130,6 +131,61 @@ def test_distillation_targets_come_from_the_frozen_old_model(icarl_method):
     m.is_training = False
 
 
+def test_ce_kd_is_cross_entropy_plus_pycils_kd_without_t_squared(icarl_method):
+    m = icarl_method
+    assert m.hp["loss"] == "ce_kd" and m.hp["temperature"] == 2.0  # the default: PyCIL's iCaRL
+    m.model.head.classifier = torch.nn.Linear(m.model.backbone.out_dim, 4)
+    m.model.head.active_units = torch.ones(4, dtype=torch.int8)
+    m.old_model = frozen_copy(m.model)
+    x, y = torch.rand(6, 1, 28, 28), torch.tensor([4, 5, 6, 4, 5, 6])
+    old = m.old_model(x)
+    logits = torch.randn(6, 7, requires_grad=True)
+    m.mbatch, m.mb_output, m.is_training = [x, y, torch.zeros(6, dtype=torch.long)], logits, True
+    try:
+        loss = m.criterion()
+    finally:
+        m.is_training = False
+    # PyCIL's _KD_loss: -sum(softmax(old/T) * log_softmax(new[:, :old]/T)) / batch, added to CE.
+    q = torch.softmax(old / 2, 1)
+    pycil_kd = -(q * torch.log_softmax(logits[:, :4] / 2, 1)).sum() / 6
+    entropy = -torch.xlogy(q, q).sum() / 6  # KL = PyCIL's cross-entropy form - the teacher's entropy
+    assert torch.allclose(loss, F.cross_entropy(logits, y) + pycil_kd - entropy, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (pycil_grad,) = torch.autograd.grad(F.cross_entropy(logits, y) + pycil_kd, logits)
+    assert torch.allclose(grad, pycil_grad, atol=1e-7)
+
+
+def test_each_task_starts_a_fresh_optimizer_with_its_own_weight_decay(monkeypatch, tmp_path):
+    discover(())
+    cls, seen = METHODS.get("icarl"), []
+    train = cls.train
+
+    def spy(self, experience, **kw):
+        seen.append((len(self.optimizer.state), {g["weight_decay"] for g in self.optimizer.param_groups}))
+        train(self, experience, **kw)
+        seen.append((len(self.optimizer.state), None))
+
+    monkeypatch.setattr(cls, "train", spy)
+    spec = RunSpec("icarl", "quickdraw20_2x10", 0, str(tmp_path), epochs=1, max_train_per_class=8, quiet=True,
+                   overrides=(("icarl", "init_weight_decay", "0.003"), ("icarl", "weight_decay", "0.001")))
+    execute(spec)
+    (before1, decay1), (after1, _), (before2, decay2), (after2, _) = seen
+    assert decay1 == {0.003} and decay2 == {0.001}
+    assert after1 > 0 and before2 == 0 and after2 > 0  # momentum buffers: kept within a task, not across
+
+
+def test_per_class_memory_grows_with_the_classes():
+    mem = ExemplarMemory(per_class=3)
+    for c in range(5):
+        assert mem.make_room(2, 784) == 3  # no shrinking: every class keeps 3
+        mem.add(c, torch.zeros(3, 1, 28, 28, dtype=torch.uint8))
+    assert len(mem) == 15 and all(len(t) == 3 for t in mem.items.values())
+    with pytest.raises(ValueError, match="per class"):
+        mem.add(9, torch.zeros(4, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="exactly one"):
+        ExemplarMemory(max_items=10, per_class=2)
+
+
 def test_extra_state_round_trips_through_a_weights_only_checkpoint(icarl_method):
     m = icarl_method
     mem = m.memory
@@ -160,6 +216,13 @@ def test_cli_run_reports_the_memory(tmp_path):
                     / "summary.json").read_text())
     assert s["memory_exemplars"] == 40 and s["memory_bytes"] == 40 * 784
     assert len(s["accuracy_matrix"]) == 2 and s["last_accuracy"] > 10  # chance is 5%
+
+
+def test_per_class_memory_run(tmp_path):
+    spec = RunSpec("icarl", "quickdraw20_2x10", 0, str(tmp_path), epochs=1, max_train_per_class=16, quiet=True,
+                   overrides=(("icarl", "memory_per_class", "3"),))
+    s = execute(spec).summary
+    assert s["memory_exemplars"] == 20 * 3 and s["memory_bytes"] == 60 * 784
 
 
 def test_byte_budget_run(tmp_path):
