@@ -2,7 +2,9 @@
 
 Same stream (harness.data.prepare + harness.streams.build_benchmark), seed, ConvNet
 (Avalanche's strategy gets it split into feature extractor + nn.Linear classifier,
-as it requires), SGD lr 0.01 momentum 0.9, batch 64, epochs per task, memory 2000.
+as it requires), SGD lr 0.01 momentum 0.9, batch 64, epochs per task, memory 2000,
+no augmentation, no lr schedule; ours with the paper's BCE loss (`icarl.loss=bce`), like
+Avalanche's. Ours against PyCIL's iCaRL, on our QuickDraw recipe: benchmarks/peer_pycil.py.
 Both are scored by the harness's Evaluator: Avalanche's through its own NME eval
 classifier (TrainEvalModel in eval mode returns negative distances to class means).
 Wall time = training + evaluation of the whole stream, in the same process; CPU time
@@ -79,10 +81,16 @@ class AvalancheICaRL:
         return torch.cat(self.icarl.x_memory), torch.tensor([c for ys in self.icarl.y_memory for c in ys])
 
 
+# Avalanche's ICaRL settings (its QuickDraw peer recipe), not our QuickDraw recipe: equal footing.
+PEER_SETTINGS = {"backbone": "convnet", "lr": 0.01, "batch_size": 64, "weight_decay": 0.0, "init_weight_decay": -1.0,
+                 "lr_schedule": "none", "augment": "none", "loss": "bce"}
+
+
 def ours(data, device, epochs: int, memory: int, seed: int):
     cls = METHODS.get("icarl")
     p = data.protocol
-    hp, _ = resolve_params(cls, p.family, [("icarl", "memory", str(memory))], {"epochs": epochs})
+    sets = [("icarl", "memory", str(memory)), *(("icarl", k, str(v)) for k, v in PEER_SETTINGS.items())]
+    hp, _ = resolve_params(cls, p.family, sets, {"epochs": epochs})
     return cls(context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True), hp=hp)
 
 

@@ -1,0 +1,218 @@
+"""iCaRL: ours (methods/icarl.py, `loss=ce_kd`) vs PyCIL's own iCaRL, on the same stream, in one run.
+
+PyCIL (https://github.com/G-U-N/PyCIL) is neither a dependency nor vendored: point
+`--pycil` at a local checkout. Its `models/icarl.py` trains as shipped (softmax CE + KD at
+T=2, SGD momentum 0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and
+MultiStepLR per task, herding, NME); this script only
+- hands it the harness's QuickDraw stream (same classes, same order, same train/test split)
+  through its `DataManager`, as a dataset of single-channel 28x28 images with the crop
+  (shift up to `crop_padding` px) + flip augmentation of our recipe;
+- sets its module-level epochs and scales its milestones to them (PyCIL's CIFAR-100
+  values: 200 epochs, milestones 60/120/170, then 170 epochs, milestones 80/120);
+- keeps a fixed number of exemplars per class on both sides (PyCIL's `fixed_memory`,
+  ours `icarl.memory_per_class`; 20 x 100 classes = 2000 at the end): with a total of 2000
+  shared by the classes seen, the first task's quota (200 per class) exceeds QuickDraw's 80
+  training doodles per class, which PyCIL's herding does not allow;
+- with `--backbone convnet_bn` (default, our recipe's backbone) gives its network our
+  `ConvNetBN`; `--backbone resnet32` keeps PyCIL's own ResNet-32 (3 input channels: the
+  grey image is repeated).
+Both are scored by the harness's Evaluator (PyCIL's NME through its own class means and
+feature extractor); PyCIL's own NME top-1 after each task is printed too, as a check that
+the two evaluations agree. Wall time = training + evaluation of the whole stream in this
+process (PyCIL also measures test accuracy every 5 epochs, as it ships).
+
+    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--protocol quickdraw100_10x10] [--seed 0]
+        [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
+        [--max-train-per-class N] [--pycil-workers 8]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.backbones import ConvNetBN  # noqa: E402
+from harness.data import prepare  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
+from harness.method import MethodContext, materialise  # noqa: E402
+from harness.params import resolve_params  # noqa: E402
+from harness.protocol import get_protocol  # noqa: E402
+from harness.registry import METHODS, discover  # noqa: E402
+from peer_icarl import run  # noqa: E402
+
+# PyCIL's iCaRL schedule for CIFAR-100 (models/icarl.py), scaled to --epochs.
+PYCIL_INIT = (200, (60, 120, 170))
+PYCIL_LATER = (170, (80, 120))
+
+
+def scaled(schedule: tuple[int, tuple[int, ...]], epochs: int) -> list[int]:
+    total, milestones = schedule
+    return sorted({max(1, round(m * epochs / total)) for m in milestones if round(m * epochs / total) < epochs})
+
+
+class _PyCILConvNet(nn.Module):
+    """Our ConvNetBN behind PyCIL's convnet interface ({'fmaps', 'features'}, out_dim)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.net = ConvNetBN(in_channels)
+        self.out_dim = self.net.out_dim
+
+    def forward(self, x):
+        fmap = self.net.body(x)
+        return {"fmaps": [fmap], "features": self.net.pool(fmap).flatten(1)}
+
+
+def load_pycil(root: Path) -> dict:
+    """PyCIL's modules this benchmark drives, imported from the checkout at `root`."""
+    if not (root / "models" / "icarl.py").is_file():
+        raise HarnessError(f"--pycil {root}: no models/icarl.py there; point it at a PyCIL checkout")
+    sys.path.insert(0, str(root))
+    try:
+        return {name: importlib.import_module(name)
+                for name in ("models.icarl", "utils.data_manager", "utils.data", "utils.inc_net")}
+    except ImportError as e:
+        raise HarnessError(f"--pycil {root}: PyCIL does not import here ({e})") from None
+
+
+class PyCILiCaRL:
+    """PyCIL's iCaRL behind the harness contract (learn / class_scores / memory_usage).
+    `own_nme` collects PyCIL's own NME top-1 after each task."""
+
+    def __init__(self, pycil: dict, data, device: torch.device, epochs: int, per_class: int, backbone: str,
+                 padding: int, workers: int, seed: int, own_nme: list[float]):
+        icarl, data_manager, idata, inc_net = (pycil[k] for k in ("models.icarl", "utils.data_manager",
+                                                                  "utils.data", "utils.inc_net"))
+        from torchvision import transforms
+
+        icarl.init_epoch, icarl.epochs = epochs, epochs
+        icarl.init_milestones, icarl.milestones = scaled(PYCIL_INIT, epochs), scaled(PYCIL_LATER, epochs)
+        icarl.num_workers = workers
+        icarl.tqdm = lambda iterable, *a, **k: iterable  # its per-epoch progress bars
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores
+
+        train_x, train_y = materialise(data.train)
+        test_x, test_y = materialise(data.test)
+
+        def grey(x):  # (N, 1, H, W) float -> (N, H, W) uint8, what PIL reads as an 'L' image
+            return x.mul(255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+        repeat = [transforms.Grayscale(num_output_channels=3)] if backbone == "resnet32" else []
+
+        class QuickDraw(idata.iData):
+            use_path = False
+            train_trsf = [*repeat, transforms.RandomCrop(data.protocol.image_size, padding=padding),
+                          transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+            test_trsf = [*repeat, transforms.ToTensor()]
+            common_trsf = []
+            class_order = list(range(data.protocol.num_classes))  # labels are already in arrival order
+
+            def download_data(self):
+                self.train_data, self.train_targets = grey(train_x), train_y.numpy()
+                self.test_data, self.test_targets = grey(test_x), test_y.numpy()
+
+        data_manager._get_idata = lambda name: QuickDraw()
+        if backbone == "convnet_bn":
+            inc_net.get_convnet = lambda args, pretrained=False: _PyCILConvNet(data.protocol.channels)
+        p = data.protocol
+        args = {"convnet_type": backbone, "device": [device], "memory_size": per_class * p.num_classes,
+                "fixed_memory": True, "memory_per_class": per_class, "seed": seed, "model_name": "icarl", "dataset": "quickdraw",
+                "init_cls": p.first_task_classes, "increment": p.increment, "pretrained": False}
+        self.manager = data_manager.DataManager("quickdraw", False, seed, p.first_task_classes, p.increment)
+        self.learner = icarl.iCaRL(args)
+        self.device, self.channels3, self.own_nme = device, backbone == "resnet32", own_nme
+
+    def learn(self, experience):
+        self.learner.incremental_train(self.manager)
+        _, nme = self.learner.eval_task()
+        self.own_nme.append(float(nme["top1"]))
+        self.learner.after_task()
+
+    @torch.no_grad()
+    def class_scores(self, x):
+        net = self.learner._network.eval()
+        x = x.to(self.device)
+        if self.channels3:
+            x = x.expand(-1, 3, -1, -1)
+        f = F.normalize(net.extract_vector(x).float(), dim=1)
+        means = torch.as_tensor(self.learner._class_means[: self.learner._total_classes], dtype=torch.float32)
+        return f @ F.normalize(means.to(self.device), dim=1).T  # unit vectors: cosine order = distance order
+
+    def memory_usage(self):
+        n = len(self.learner._targets_memory)
+        return n, n * int(np.prod(self.learner._data_memory.shape[1:])) if n else 0
+
+
+def our_params(data, epochs: int, per_class: int, backbone: str) -> dict:
+    sets = [("icarl", "memory_per_class", str(per_class)), ("icarl", "loss", "ce_kd"), ("icarl", "backbone", backbone)]
+    return resolve_params(METHODS.get("icarl"), data.protocol.family, sets, {"epochs": epochs})[0]
+
+
+def ours(data, device, hp: dict, seed: int):
+    p = data.protocol
+    return METHODS.get("icarl")(context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True),
+                                hp=hp)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pycil", required=True, type=Path, help="a local checkout of PyCIL")
+    ap.add_argument("--protocol", default="quickdraw100_10x10")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=30, help="epochs of every task, both learners")
+    ap.add_argument("--backbone", default="convnet_bn", choices=("convnet_bn", "resnet32"))
+    ap.add_argument("--memory-per-class", type=int, default=20)
+    ap.add_argument("--pycil-workers", type=int, default=8, help="PyCIL's DataLoader workers (it ships 8)")
+    ap.add_argument("--max-train-per-class", type=int, help="cap the training data (quick checks)")
+    ap.add_argument("--tasks", type=int, help="stop after this many tasks")
+    args = ap.parse_args()
+    discover(())
+    device = torch.device("cpu")
+    try:
+        data = prepare(get_protocol(args.protocol), max_train_per_class=args.max_train_per_class)
+        if data.protocol.dataset != "quickdraw" or not data.in_memory:
+            raise HarnessError(f"{args.protocol}: this benchmark feeds PyCIL in-memory QuickDraw protocols only")
+        hp = our_params(data, args.epochs, args.memory_per_class, args.backbone)
+        pycil = load_pycil(args.pycil.expanduser())
+    except HarnessError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.protocol}, seed {args.seed}, {args.backbone}, {args.epochs} epochs/task, "
+          f"{args.memory_per_class} exemplars per class, "
+          f"{torch.get_num_threads()} CPU threads\n  ours: lr {hp['lr']} batch {hp['batch_size']}, weight decay "
+          f"{hp['init_weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
+          f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, multistep milestones "
+          f"{scaled(PYCIL_INIT, args.epochs)} then {scaled(PYCIL_LATER, args.epochs)}", flush=True)
+    own_nme: list[float] = []
+    learners = {
+        "ours (methods/icarl.py, loss=ce_kd)": lambda: ours(data, device, hp, args.seed),
+        "PyCIL models/icarl.py": lambda: PyCILiCaRL(pycil, data, device, args.epochs, args.memory_per_class,
+                                                     args.backbone,
+                                                     hp["crop_padding"], args.pycil_workers, args.seed, own_nme),
+    }
+    out = {}
+    for name, make in learners.items():
+        out[name] = r = run(make, data, args.seed, args.tasks)
+        print(f"  {name}: done in {r['wall_time_s']:.0f} s (last {r['last_accuracy']:.1f}%)", flush=True)
+    width = max(map(len, out))
+    print(f"\n{'':{width}}  {'last %':>7} {'avg %':>7} {'forget %':>8} {'wall s':>7} {'cpu s':>7} "
+          f"{'max mem':>7}  A_t per task")
+    for name, r in out.items():
+        steps = " ".join(f"{a:.1f}" for a in r["step_accuracy"])
+        forget = "-" if r["average_forgetting"] is None else f"{r['average_forgetting']:.1f}"
+        print(f"{name:{width}}  {r['last_accuracy']:7.1f} {r['avg_incremental_accuracy']:7.1f} "
+              f"{forget:>8} {r['wall_time_s']:7.0f} {r['cpu_time_s']:7.0f} {r['most_exemplars']:7d}  {steps}")
+    print(f"{'PyCIL own eval_task NME top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
+          + " ".join(f"{a:.1f}" for a in own_nme))
+
+
+if __name__ == "__main__":
+    main()
