@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
                      help="a method/protocol file or folder to import (repeatable)")
 
-    ls = sub.add_parser("list", help="methods, protocols and which data is present")
+    ls = sub.add_parser("list", help="methods, protocols and which data is present; "
+                                     "`list METHOD` shows a method's settings")
+    ls.add_argument("method", nargs="?", metavar="METHOD", help="show this method's settings and recipes")
     ls.add_argument("--data-root", metavar="DIR")
 
     report = sub.add_parser("report", help="print the paper table of finished runs")
@@ -94,13 +96,15 @@ def cmd_run(args) -> int:
     from harness import results
     from harness.params import parse_set_options, validate_set_options
     from harness.protocol import get_protocol
-    from harness.registry import METHODS
+    from harness.registry import IMPORT_ERRORS, METHODS
     from harness.report import collect_runs, render, write_report
     from harness.plots import write_figures
     from harness.runner import RunSpec, plan_label, resolve_device, run_all
 
     # Everything the user typed is checked before any work or any write.
     methods = {name: METHODS.get(name) for name in dict.fromkeys(args.methods)}
+    for failure in IMPORT_ERRORS:  # files that define none of the chosen methods
+        _say(args.quiet, f"warning: {failure}")
     protocol = get_protocol(args.protocol)
     overrides = parse_set_options([item for group in args.sets for item in group])
     validate_set_options(overrides, methods)
@@ -141,11 +145,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _show_method(name: str) -> None:
+    from harness.registry import METHODS
+
+    cls = METHODS.get(name)
+    print(f"{name}: {cls.description}\n  defined in {METHODS.source(name)}\n\nsettings (--set {name}.KEY=VALUE):")
+    for key, param in sorted(cls.params.items()):
+        kind = type(param.default).__name__ if param.default is not None else "str"
+        allowed = ("one of " + "|".join(map(str, param.choices)) if param.choices is not None
+                   else " ".join(f"{op} {v}" for op, v in ((">=", param.low), ("<=", param.high)) if v is not None))
+        print(f"  {key:<20} {kind:<6} {param.default!s:<12} {allowed:<28} {param.help}")
+    for family, recipe in sorted(getattr(cls, "protocol_defaults", {}).items()):
+        print(f"\n{family} protocols: " + " ".join(f"{k}={v}" for k, v in recipe.items()))
+
+
 def cmd_list(args) -> int:
     from harness import data as data_mod
     from harness.errors import DataMissing
-    from harness.registry import METHODS, PROTOCOLS
+    from harness.registry import IMPORT_ERRORS, METHODS, PROTOCOLS
 
+    if args.method:
+        _show_method(args.method)
+        return 0
     print("methods:")
     for name in METHODS.names():
         print(f"  {name:<16} {METHODS.get(name).description}")
@@ -160,7 +181,9 @@ def cmd_list(args) -> int:
             except DataMissing:
                 present[p.dataset] = "data missing"
         print(f"  {name:<22} {p.shape:<44} {present[p.dataset]}")
-    return 0
+    for failure in IMPORT_ERRORS:
+        print(f"error: {failure}", file=sys.stderr)
+    return 2 if IMPORT_ERRORS else 0
 
 
 def cmd_report(args) -> int:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from harness.augment import AUGMENTATIONS, batch_augment
 from harness.backbones import IncrementalNet, backbone_names, create_backbone
 from harness.data import ImageTensorDataset
+from harness.errors import HarnessError
 from harness.params import Param
 from harness.progress import EpochProgress
 from harness.protocol import Protocol
@@ -116,6 +117,18 @@ def with_replay(dataset, images: torch.Tensor, labels: torch.Tensor):
     return concat_datasets([dataset, replay])
 
 
+class Settings(dict):
+    """A method's resolved hyperparameters; reading one it does not declare says what to add."""
+
+    def __init__(self, method: str, values: dict[str, Any]):
+        super().__init__(values)
+        self.method = method
+
+    def __missing__(self, key: str):
+        raise HarnessError(f"method '{self.method}' reads the setting '{key}' but does not declare it: add it to "
+                           f"its params (e.g. params = {{**TRAINING_PARAMS, ...}} for the shared training settings)")
+
+
 class CILMethod(SupervisedTemplate):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -123,7 +136,7 @@ class CILMethod(SupervisedTemplate):
     protocol_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, *, context: MethodContext, hp: dict[str, Any], plugins=()):
-        self.context, self.hp = context, hp
+        self.context, self.hp = context, Settings(type(self).name, hp)
         model = self.build_model()
         optimizer = self.build_optimizer(model)
         plugins = [*plugins, *self.build_plugins(optimizer)]

@@ -5,6 +5,11 @@ imported. `discover()` imports every module of the `methods/` and `protocols/`
 packages, the modules named by third-party packages in the entry-point groups
 `cil_harness.methods` / `cil_harness.protocols`, and any user files or folders given
 with `--plugins` (or the CIL_HARNESS_PLUGINS variable, os.pathsep-separated).
+
+A module of a folder (`methods/`, `protocols/`, a plugin folder) that fails to import
+does not stop the others: its error is kept in `IMPORT_ERRORS` (one line naming the
+file), `list` shows it and `run` refuses only a method it would have defined. A file
+named on its own with `--plugins` must import.
 """
 from __future__ import annotations
 
@@ -23,26 +28,35 @@ from harness.errors import HarnessError
 T = TypeVar("T")
 ENTRY_POINT_GROUPS = ("cil_harness.methods", "cil_harness.protocols")
 PLUGIN_ENV = "CIL_HARNESS_PLUGINS"
+IMPORT_ERRORS: list[str] = []  # "<file>: <what went wrong>", one per module that failed to import
+_importing: list[str] = []  # the file being imported now (innermost last): where registrations come from
 
 
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._sources: dict[str, str] = {}  # name -> file that registered it
 
     def register(self, name: str, item: T) -> T:
+        source = _importing[-1] if _importing else "<unknown file>"
         # The same definition imported twice (two copies of a plugin file) is harmless.
         if name in self._items and self._items[name] is not item and self._items[name] != item:
-            raise HarnessError(f"{self.kind} '{name}' is registered twice")
+            raise HarnessError(f"{self.kind} '{name}' is registered twice: in {self._sources[name]} and in {source}")
         self._items[name] = item
+        self._sources.setdefault(name, source)
         return item
+
+    def source(self, name: str) -> str:
+        return self._sources.get(name, "<unknown file>")
 
     def get(self, name: str) -> T:
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            broken = f"; these files failed to import: {' | '.join(IMPORT_ERRORS)}" if IMPORT_ERRORS else ""
             raise HarnessError(
-                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._items)) or 'none'}"
+                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._items)) or 'none'}{broken}"
             )
         return self._items[name]
 
@@ -63,6 +77,12 @@ def register_method(name: str) -> Callable[[type], type]:
 
     def deco(cls: type) -> type:
         cls.name = name
+        declared = getattr(cls, "params", {})
+        for family, recipe in getattr(cls, "protocol_defaults", {}).items():
+            unknown = sorted(set(recipe) - set(declared))
+            if unknown:
+                raise HarnessError(f"method '{name}': its {family} recipe sets {', '.join(unknown)}, "
+                                   f"which its params do not declare")
         return METHODS.register(name, cls)
 
     return deco
@@ -75,14 +95,26 @@ def register_dataset(name: str) -> Callable:
     return deco
 
 
+def _failure(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
+
+
 def _import_package_modules(package: str) -> None:
     pkg = importlib.import_module(package)
     for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
+        if info.name.startswith("_"):
+            continue
+        file = str(Path(pkg.__path__[0]).name + "/" + info.name + ".py")
+        _importing.append(file)
+        try:
             importlib.import_module(f"{package}.{info.name}")
+        except Exception as exc:  # one broken file must not take the other methods down
+            IMPORT_ERRORS.append(f"{file} failed to import: {_failure(exc)}")
+        finally:
+            _importing.pop()
 
 
-def _import_file(path: Path) -> None:
+def _import_file(path: Path, tolerant: bool = False) -> None:
     module_name = f"cil_harness_plugin_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return
@@ -91,13 +123,17 @@ def _import_file(path: Path) -> None:
         raise HarnessError(f"cannot import plugin file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    _importing.append(str(path))
     try:
         spec.loader.exec_module(module)
-    except HarnessError:
-        raise
     except Exception as exc:  # a user's file: say which one broke
         del sys.modules[module_name]
-        raise HarnessError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        message = f"plugin {path} failed to import: {_failure(exc)}"
+        if not tolerant:
+            raise HarnessError(message) from exc
+        IMPORT_ERRORS.append(message)
+    finally:
+        _importing.pop()
 
 
 def load_plugins(paths: Iterable[str | os.PathLike]) -> None:
@@ -106,7 +142,7 @@ def load_plugins(paths: Iterable[str | os.PathLike]) -> None:
         if path.is_dir():
             for file in sorted(path.glob("*.py")):
                 if not file.name.startswith("_"):
-                    _import_file(file)
+                    _import_file(file, tolerant=True)
         elif path.is_file():
             _import_file(path)
         else:
@@ -124,7 +160,13 @@ def discover(plugin_paths: Iterable[str | os.PathLike] = ()) -> None:
         _import_package_modules("methods")
         for group in ENTRY_POINT_GROUPS:
             for ep in entry_points(group=group):
-                ep.load()
+                _importing.append(f"entry point {ep.value}")
+                try:
+                    ep.load()
+                except Exception as exc:
+                    IMPORT_ERRORS.append(f"entry point {ep.name} ({ep.value}) failed to import: {_failure(exc)}")
+                finally:
+                    _importing.pop()
         _discovered = True
     env = [p for p in os.environ.get(PLUGIN_ENV, "").split(os.pathsep) if p]
     load_plugins([*env, *plugin_paths])

@@ -169,3 +169,97 @@ def test_module_entry_point_exit_code(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown method 'finetun' (did you mean finetune?); known: ")
+
+
+# ---- errors for method authors ---------------------------------------------------------
+
+@pytest.fixture
+def import_errors(monkeypatch):
+    """A fresh list of failed imports, so files broken on purpose here do not reach other tests."""
+    from harness import registry
+
+    monkeypatch.setattr(registry, "IMPORT_ERRORS", [])
+    return registry
+
+
+def test_a_broken_file_in_a_method_folder_leaves_the_others_working(tmp_path, capsys, import_errors):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "good.py").write_text(PLUGIN.format(tag="b"))
+    (folder / "broken.py").write_text("this_name_is_not_defined\n")
+    assert run_cli("--plugins", folder, "list") == 2
+    out, err = capsys.readouterr()
+    assert "nearest_mean_b" in out and "icarl" in out and "tiny_b" in out
+    assert err.strip().splitlines() == [f"error: plugin {folder / 'broken.py'} failed to import: "
+                                        "NameError: name 'this_name_is_not_defined' is not defined"]
+
+    out_dir = tmp_path / "out"
+    assert run_cli("--plugins", folder, "run", "--methods", "nearest_mean_b", "--protocol", "tiny_b",
+                   "--out", out_dir, "--device", "cpu") == 0
+    assert "warning: plugin" in capsys.readouterr().err  # said, but the run of a sound method goes on
+    assert run_cli("--plugins", folder, "run", "--methods", "nearest_mean_bb", "--out", out_dir, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown method 'nearest_mean_bb'" in err and "broken.py failed" in err
+
+
+def test_a_name_registered_twice_names_both_files(tmp_path, capsys, import_errors):
+    folder = tmp_path / "twice"
+    folder.mkdir()
+    for name in ("one.py", "two.py"):
+        (folder / name).write_text(PLUGIN.format(tag="c").replace("tiny_c", f"tiny_c_{name[:3]}"))
+    assert run_cli("--plugins", folder, "list") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: plugin {folder / 'two.py'} failed to import: method 'nearest_mean_c' is registered "
+                   f"twice: in {folder / 'one.py'} and in {folder / 'two.py'}")
+
+
+LACKING = '''
+from harness.method import CILMethod
+from harness.params import Param
+from harness.registry import register_method
+
+@register_method("lacking_d")
+class Lacking(CILMethod):
+    description = "declares epochs only"
+    params = {"epochs": Param(1, low=1)}
+'''
+
+UNDECLARED_RECIPE = '''
+from harness.method import TRAINING_PARAMS, CILMethod
+from harness.registry import register_method
+
+@register_method("recipe_e")
+class RecipeE(CILMethod):
+    description = "a recipe key it does not declare"
+    params = dict(TRAINING_PARAMS)
+    protocol_defaults = {"quickdraw": {"epochs": 2, "warmup": 5}}
+'''
+
+
+def test_a_setting_read_but_not_declared_is_one_line(tmp_path, capsys):
+    plugin = tmp_path / "lacking.py"
+    plugin.write_text(LACKING)
+    assert run_cli("--plugins", plugin, "run", "--methods", "lacking_d", "--out", tmp_path / "out", *QUICK) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: method 'lacking_d' reads the setting 'backbone' but does not declare it")
+
+
+def test_a_recipe_key_not_declared_is_refused_at_import(tmp_path, capsys):
+    plugin = tmp_path / "recipe.py"
+    plugin.write_text(UNDECLARED_RECIPE)
+    assert run_cli("--plugins", plugin, "list") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: plugin {plugin} failed to import: method 'recipe_e': its quickdraw recipe sets warmup, "
+                   "which its params do not declare")
+
+
+def test_list_method_shows_its_settings_and_recipes(capsys):
+    assert run_cli("list", "icarl") == 0
+    out = capsys.readouterr().out
+    assert "defined in methods/icarl.py" in out
+    line = next(row for row in out.splitlines() if row.strip().startswith("memory_per_class"))
+    assert line.split()[:3] == ["memory_per_class", "int", "0"]
+    assert "quickdraw protocols: backbone=convnet_bn" in out
+    assert run_cli("list", "icarll") == 2  # a typo: the usual one line with a suggestion
+    assert "did you mean icarl?" in capsys.readouterr().err
