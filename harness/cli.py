@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("method", nargs="?", metavar="METHOD", help="show this method's settings and recipes")
     ls.add_argument("--data-root", metavar="DIR")
 
+    check = sub.add_parser("check", help="run a method straight, twice, and killed-and-resumed on a tiny "
+                                         "protocol; check matrices, score shapes and memory budget")
+    check.add_argument("method", metavar="METHOD")
+    check.add_argument("--protocol", default="quickdraw20_2x10")
+    check.add_argument("--set", action="append", nargs="+", default=[], dest="sets", metavar="KEY=VALUE")
+    check.add_argument("--epochs", type=_positive, default=1)
+    check.add_argument("--max-train-per-class", type=_positive, default=8)
+    check.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins")
+
     report = sub.add_parser("report", help="print the paper table of finished runs")
     report.add_argument("dirs", nargs="+", metavar="DIR")
     report.add_argument("--format", default="md", choices=("md", "latex", "csv"))
@@ -186,6 +195,19 @@ def cmd_list(args) -> int:
     return 2 if IMPORT_ERRORS else 0
 
 
+def cmd_check(args) -> int:
+    from harness.check import check_method, report
+    from harness.params import parse_set_options, validate_set_options
+    from harness.registry import METHODS
+
+    overrides = parse_set_options([item for group in args.sets for item in group])
+    validate_set_options(overrides, {args.method: METHODS.get(args.method)})
+    checks = check_method(args.method, args.protocol, overrides, args.plugins + args.run_plugins, args.epochs,
+                          args.max_train_per_class)
+    print(report(args.method, args.protocol, checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_report(args) -> int:
     from harness.report import collect_runs, render
 
@@ -215,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from harness.registry import discover
 
         discover(args.plugins + getattr(args, "run_plugins", []))
-        return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "plot": cmd_plot}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "report": cmd_report,
+                "plot": cmd_plot}[args.command](args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

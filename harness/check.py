@@ -1,0 +1,164 @@
+"""`python -m harness check METHOD`: does a method keep the harness's promises?
+
+Runs the method through a tiny protocol (2 tasks, 1 epoch, a few images per class, one
+pinned CPU thread) in a temporary folder, four times, and checks:
+- it runs end to end;
+- `class_scores` returns (batch, >= classes seen) at every evaluation;
+- two straight runs give the same accuracy matrix (determinism);
+- a run killed after its first task (as Ctrl-C does, once that task is checkpointed) and
+  resumed by the same command ends with the straight run's matrix: every piece of state
+  the method needs to continue is in its checkpoint;
+- the exemplars it reports stay within the budget its settings declare.
+"""
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from harness import threads
+from harness.errors import HarnessError
+from harness.registry import METHODS
+from harness.runner import RunSpec, execute, plan_label
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@contextmanager
+def _patched(cls: type, name: str, wrap: Callable):
+    """Temporarily replace cls.name by wrap(original) (restored whatever happens)."""
+    original = cls.__dict__.get(name)
+    inherited = getattr(cls, name)
+    setattr(cls, name, wrap(inherited))
+    try:
+        yield
+    finally:
+        if original is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
+
+
+@contextmanager
+def _threads_restored():
+    """The check pins one thread (float sums depend on the count); the caller's setting comes back."""
+    fixed, count = threads._fixed, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        threads.fix(fixed)
+        torch.set_num_threads(count)
+
+
+def _score_checker(problems: list[str]):
+    def wrap(class_scores):
+        def checked(self, x):
+            scores = class_scores(self, x)
+            seen = getattr(self, "_check_classes_seen", None)
+            if scores.dim() != 2 or scores.shape[0] != len(x) or (seen is not None and scores.shape[1] < seen):
+                problems.append(f"scores of shape {tuple(scores.shape)} for {len(x)} images "
+                                f"and {seen} classes seen")
+            return scores
+        return checked
+    return wrap
+
+
+def _seen_counter(learn):
+    def counting(self, experience):
+        self._check_classes_seen = getattr(self, "_check_classes_seen", 0) + len(experience.classes_in_this_experience)
+        return learn(self, experience)
+    return counting
+
+
+def _crash_on_second_task(learn):
+    calls = []
+
+    def crashing(self, experience):
+        calls.append(experience)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does: task 1 is checkpointed, task 2 is lost
+        return learn(self, experience)
+    return crashing
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _budget(hp: dict, num_classes: int) -> tuple[str, int, int] | None:
+    """(what, limit, index into (exemplars, bytes)) declared by the method's settings, if any."""
+    if hp.get("memory_bytes", 0) > 0:
+        return "bytes", hp["memory_bytes"], 1
+    if hp.get("memory_per_class", 0) > 0:
+        return "exemplars", hp["memory_per_class"] * num_classes, 0
+    if isinstance(hp.get("memory"), int) and hp["memory"] > 0:
+        return "exemplars", hp["memory"], 0
+    return None
+
+
+def check_method(method: str, protocol: str = "quickdraw20_2x10", overrides: Sequence = (), plugins: Sequence = (),
+                 epochs: int = 1, max_train_per_class: int = 8, seed: int = 0) -> list[Check]:
+    cls = METHODS.get(method)
+    checks: list[Check] = []
+    with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, _threads_restored():
+        base = RunSpec(method=method, protocol=protocol, seed=seed, out=str(Path(tmp) / "straight"), device="cpu",
+                       overrides=tuple(overrides), epochs=epochs, max_train_per_class=max_train_per_class,
+                       quiet=True, plugins=tuple(plugins), threads=1)
+        _, _, hp, _ = plan_label(base)  # bad --set values fail here, with the usual one line
+        problems: list[str] = []
+        try:
+            with _patched(cls, "learn", _seen_counter), _patched(cls, "class_scores", _score_checker(problems)):
+                straight = execute(base).summary
+        except HarnessError:
+            raise
+        except Exception as exc:  # the method's own failure: that is the finding
+            return [Check("runs end to end", False, _one_line(exc))]
+        matrix = straight["accuracy_matrix"]
+        checks.append(Check("runs end to end", True, f"{len(matrix)} tasks, last accuracy {straight['last_accuracy']:.1f}%"))
+        checks.append(Check("scores are (batch, >= classes seen)", not problems, "; ".join(problems[:3])))
+
+        again = execute(replace(base, out=str(Path(tmp) / "again"))).summary
+        checks.append(Check("same matrix when run twice", again["accuracy_matrix"] == matrix,
+                            "" if again["accuracy_matrix"] == matrix else f"{matrix} vs {again['accuracy_matrix']}"))
+
+        resumed_spec = replace(base, out=str(Path(tmp) / "resumed"))
+        try:
+            with _patched(cls, "learn", _crash_on_second_task):
+                execute(resumed_spec)
+            checks.append(Check("killed after task 1, resumed: same matrix", False, "the run never reached task 2"))
+        except KeyboardInterrupt:
+            try:
+                resumed = execute(resumed_spec).summary
+                same = resumed["accuracy_matrix"] == matrix
+                checks.append(Check("killed after task 1, resumed: same matrix", same, "" if same else
+                                    f"straight {matrix} vs resumed {resumed['accuracy_matrix']}: some state the "
+                                    "method needs is not in its checkpoint (extra_state / load_extra_state)"))
+            except Exception as exc:
+                checks.append(Check("killed after task 1, resumed: same matrix", False,
+                                    f"resuming failed: {_one_line(exc)}"))
+
+        budget = _budget(hp, sum(straight["classes_per_task"]))
+        used = (straight["memory_exemplars"], straight["memory_bytes"])
+        if budget is None:
+            checks.append(Check("memory within its budget", True, f"no budget declared; {used[0]} exemplars kept"))
+        else:
+            what, limit, i = budget
+            checks.append(Check("memory within its budget", used[i] <= limit, f"{used[i]} {what} <= {limit}"))
+    return checks
+
+
+def report(method: str, protocol: str, checks: list[Check]) -> str:
+    lines = [f"check {method} on {protocol}:"]
+    for c in checks:
+        lines.append(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}" + (f": {c.detail}" if c.detail else ""))
+    return "\n".join(lines)
