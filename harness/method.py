@@ -58,6 +58,7 @@ class MethodContext:
     seed: int
     in_memory: bool = True  # training data fits in memory: use the fast tensor loader
     quiet: bool = False
+    images: int = 0  # training + test images of the whole stream (0: unknown), e.g. to size a feature cache
 
 
 class TensorBatches:

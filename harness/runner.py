@@ -140,7 +140,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     seed_everything(spec.seed)
     benchmark = build_benchmark(data)
     cls = METHODS.get(spec.method)
-    context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet)
+    context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet,
+                            images=len(data.train) + len(data.test))
     method = cls(context=context, hp=hp)
 
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid

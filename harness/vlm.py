@@ -23,10 +23,11 @@ import math
 import os
 import re
 import tempfile
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,9 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="ignore")
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
 
 class HFTokenizer:
     """A transformers tokenizer behind the same two calls."""
@@ -81,6 +85,9 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def __len__(self) -> int:
+        return len(self.tok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,6 +299,33 @@ class ChatFormat:
     answer_end: str  # e.g. "<|im_end|>" or the tokenizer's eos token
     answer_lead: str = ""  # text put before the answer (LLaVA's "ASSISTANT:" wants a space)
 
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt before the image and after it."""
+        content = f"{question}\n\0" if before_image else f"\0\n{question}"
+        before, after = self.template.format(content=content).split("\0")
+        return tokenizer.encode(before), tokenizer.encode(after)
+
+
+@dataclass
+class ProcessorChat(ChatFormat):
+    """The prompt as a transformers processor builds it: its own chat template, tokenised the
+    way the processor tokenises (BOS included where its tokenizer adds one), split at the image
+    token. Any LLaVA-style checkpoint with a chat template then sees the prompt it was trained on."""
+
+    processor: Any = None
+
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        parts = [{"type": "image"}, {"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": parts[::-1] if before_image else parts}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = self.processor.tokenizer(text)["input_ids"]
+        image = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        if ids.count(image) != 1:
+            raise HarnessError(f"the chat template of {type(self.processor).__name__} put {ids.count(image)} image "
+                               "tokens in a one-image prompt")
+        cut = ids.index(image)
+        return ids[:cut], ids[cut + 1:]
+
 
 CHATML = ChatFormat("<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
 LLAVA = ChatFormat("USER: {content} ASSISTANT:", "</s>", answer_lead=" ")
@@ -344,8 +378,12 @@ class VisionLanguageModel(nn.Module):
     def add_lora(self, r: int, alpha: float | None = None, dropout: float = 0.05) -> None:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
-                         bias="none")
+        # q/v projections of the language model only: in a LLaVA model the vision tower has
+        # layers of the same names, and GMM keeps the encoder frozen.
+        vision = {id(m) for m in self.encoder.modules()}
+        targets = [name for name, m in self.lm.named_modules()
+                   if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and id(m) not in vision]
+        cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets, bias="none")
         self.lm = get_peft_model(self.lm, cfg)  # only the LoRA matrices require grad
 
     # ---- prompt and answers -----------------------------------------------------------
@@ -353,13 +391,21 @@ class VisionLanguageModel(nn.Module):
         """The question asked with every image: after it (MiniGPT-4's and LLaVA's order), or
         before it, which makes the part of the prompt that never changes (and is computed
         once, see _prefix_cache) 10 tokens long instead of 3 on the offline stack."""
-        content = f"{question}\n\0" if before_image else f"\0\n{question}"
-        before, after = self.chat.template.format(content=content).split("\0")
-        self.prompt_ids = (torch.tensor(self.tokenizer.encode(before)), torch.tensor(self.tokenizer.encode(after)))
-        end_ids = self.tokenizer.encode(self.chat.answer_end)
-        period = self.tokenizer.encode(".")[-1:]
-        self.stop_ids = torch.tensor(sorted(set(end_ids[-1:] + period)))
+        before, after = self.chat.prompt_ids(self.tokenizer, question, before_image)
+        self.prompt_ids = (torch.tensor(before, dtype=torch.long), torch.tensor(after, dtype=torch.long))
+        # Generation stops at the end of the turn (left out of the answer's text) or at a
+        # sentence end (kept in it).
+        end = self.tokenizer.encode(self.chat.answer_end)[-1:]
+        self.stop_ids = torch.cat([torch.tensor(end, dtype=torch.long), self.sentence_end_ids]).unique()
         self._prefix_kv.clear()
+
+    @functools.cached_property
+    def sentence_end_ids(self) -> Tensor:
+        """Every token whose text ends a sentence ('.', '!', '?' last): with SentencePiece 'cat.'
+        is one token, so stopping on the id of '.' alone would never fire."""
+        ends = [i for i in range(len(self.tokenizer)) if self.tokenizer.decode([i]).rstrip().endswith((".", "!", "?"))]
+        return torch.tensor(ends, dtype=torch.long)
+
 
     def set_lm_dtype(self, dtype: torch.dtype) -> None:
         """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads; it
@@ -471,9 +517,9 @@ class VisionLanguageModel(nn.Module):
                     rows, tok = rows[keep], tok[keep]
                     cache.batch_select_indices(keep)
             out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        texts, stops = [], set(self.stop_ids.tolist())
+        texts, stops, kept = [], set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
         for seq in tokens.tolist():
-            cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
+            cut = next((i + (t in kept) for i, t in enumerate(seq) if t in stops), len(seq))
             texts.append(self.tokenizer.decode(seq[:cut]).strip())
         return texts
 
@@ -616,11 +662,15 @@ def build_stack(name: str, *, in_channels: int = 3, visual_tokens: int = 4, imag
 
 def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None = None,
                    image_size: int | None = None, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None) -> VisionLanguageModel:
+                   std: Sequence[float] | None = None, processor=None) -> VisionLanguageModel:
     """A LLaVA model of transformers (by hub name, or an instance) as a stack.
 
-    As GMM trains only MiniGPT-4's projection, only LLaVA's multimodal projector trains.
-    The prompt follows llava-1.5's "USER: <image>\\n<question> ASSISTANT:" format.
+    As GMM trains only MiniGPT-4's projection, only LLaVA's multimodal projector trains, in
+    float32 whatever the dtype of the rest (in bf16, an AdamW step at the paper's lr 3e-6
+    rounds away: under 4% of a projector's weights changed at all in 50 steps). With a
+    processor (always when loaded by name) the prompt is the processor's own chat template
+    and tokenisation (ProcessorChat); without one, llava-1.5's "USER: <image>\\n<question>
+    ASSISTANT:" format.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -628,7 +678,10 @@ def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None 
         name = name_or_model
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype, trust_remote_code=False)
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=False)
+        processor = processor or AutoProcessor.from_pretrained(name, trust_remote_code=False)
+    else:
+        model, name = name_or_model, "custom-llava"
+    if processor is not None:
         tokenizer = tokenizer or HFTokenizer(processor.tokenizer)
         ip = processor.image_processor
         size = ip.crop_size if getattr(ip, "crop_size", None) else ip.size
@@ -636,7 +689,6 @@ def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None 
         mean, std = mean or ip.image_mean, std or ip.image_std
         end = processor.tokenizer.eos_token
     else:
-        model, name = name_or_model, "custom-llava"
         end = "<|im_end|>" if isinstance(tokenizer, ByteTokenizer) else "</s>"
     cfg = model.config
     image_size = image_size or cfg.vision_config.image_size
@@ -644,8 +696,16 @@ def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None 
     std = std or (0.26862954, 0.26130258, 0.27577711)
     encoder = HFVisionTokens(model.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy,
                              image_size, mean, std, name)
-    chat = ChatFormat(LLAVA.template, end, LLAVA.answer_lead)
-    vlm = VisionLanguageModel(encoder, model.model.multi_modal_projector, model, tokenizer,
-                              text_encoder or minilm_text_encoder(), chat, "hf_llava")
+    if processor is not None:
+        # "...ASSISTANT:" (llava-1.5) wants a space before the answer; a template whose turn
+        # ends with a newline does not.
+        lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                             add_generation_prompt=True, tokenize=False)
+        chat = ProcessorChat("", end, " " if lead.rstrip(" ").endswith(":") else "", processor=processor)
+    else:
+        chat = ChatFormat(LLAVA.template, end, LLAVA.answer_lead)
+    projector = model.model.multi_modal_projector.float()
+    vlm = VisionLanguageModel(encoder, projector, model, tokenizer, text_encoder or minilm_text_encoder(), chat,
+                              "hf_llava")
     vlm.proj.requires_grad_(True)  # it lives inside lm, which the constructor froze first
     return vlm

@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from harness.errors import HarnessError
 from harness.method import CILMethod, TensorBatches
 from harness.params import Param
 from harness.registry import register_method
-from harness.vlm import answer_sentence, build_stack, feature_cache, lm_precision, text_scores
+from harness.vlm import answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_scores
 
 
 @register_method("gmm")
@@ -62,8 +66,9 @@ class GMM(CILMethod):
         "feature_replay": Param(False, "replay stored encoder features of old classes (exemplar-free)"),
         "replay_kind": Param("samples", "feature replay: stored vectors or per-class Gaussian", choices=("samples", "gaussian")),
         "replay_per_class": Param(20, "feature vectors stored (or sampled) per old class", low=1),
-        "feature_cache": Param("memory", "encoder features cached in memory or also on disk", choices=("memory", "disk"),
-                               affects_results=False),
+        "feature_cache": Param("auto", "encoder features of each image: kept in memory, also on disk, or computed "
+                               "anew each time (none); auto = memory where the whole stream's fit in half the free "
+                               "memory, else none", choices=("auto", "memory", "disk", "none"), affects_results=False),
     }
 
     # 28-px doodles upscaled to 112 px give EfficientNet a 4x4 map (pooled to the visual
@@ -76,8 +81,9 @@ class GMM(CILMethod):
         self.stored_feats: dict[int, torch.Tensor] = {}  # class -> float16 encoder tokens
         self.feat_stats: dict[int, torch.Tensor] = {}  # class -> (2, N, D) float32 mean and std
         super().__init__(context=context, hp=hp, plugins=plugins)
-        self.cache = feature_cache(self.model.encoder_id, hp["feature_cache"] == "disk")
-        if hp["feature_cache"] == "disk":
+        self.cache_mode = self._cache_mode(hp["feature_cache"])
+        self.cache = feature_cache(self.model.encoder_id, self.cache_mode == "disk") if self.cache_mode != "none" else None
+        if self.cache_mode == "disk":
             atexit.register(self.cache.save)
 
     # ---- model and optimizer ---------------------------------------------------------
@@ -116,7 +122,34 @@ class GMM(CILMethod):
         with self._amp():
             return enc(x.to(dev)).float()
 
+    def _cache_mode(self, asked: str) -> str:
+        """Where encoder features live. A LLaVA tower's 576 x 1024 tokens are 1.2 MB per image in
+        float16, ~71 GB for CIFAR-100: a cache that cannot fit is refused (or, for auto, skipped)
+        before any training."""
+        images = self.context.images
+        if asked == "none" or not images:
+            return "none" if asked == "none" else ("memory" if asked == "auto" else asked)
+        probe = self._encode(torch.zeros(1, self.context.protocol.channels, 8, 8))
+        need = probe[0].numel() * 2 * images  # float16
+        free_memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        fits = need <= free_memory // 2
+        if asked == "auto":
+            return "memory" if fits else "none"
+        if not fits:
+            raise HarnessError(f"gmm.feature_cache={asked}: the encoder features of {images:,} images take "
+                               f"{need / 2**30:.1f} GiB, more than half the free memory ({free_memory / 2**30:.1f} "
+                               "GiB); use gmm.feature_cache=none (computed anew each time) or fewer visual tokens")
+        if asked == "disk":
+            free_disk = shutil.disk_usage(cache_dir() if cache_dir().exists() else Path.home()).free
+            if need > free_disk:
+                raise HarnessError(f"gmm.feature_cache=disk: the encoder features of {images:,} images take "
+                                   f"{need / 2**30:.1f} GiB, more than the free disk under {cache_dir()} "
+                                   f"({free_disk / 2**30:.1f} GiB)")
+        return asked
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self._encode(x).to(torch.float16).cpu()  # the cache's own form, so results do not depend on it
         return self.cache.get(x, self._encode)
 
     def _dataset_features(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +201,8 @@ class GMM(CILMethod):
         self.n_seen = max(self.n_seen, max(new) + 1)
         self.train(experience)
         self._update_memory(experience.dataset, new)
-        self.cache.save()
+        if self.cache is not None:
+            self.cache.save()
 
     def _update_memory(self, dataset, new: list[int]) -> None:
         hp = self.hp

