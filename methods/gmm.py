@@ -48,7 +48,12 @@ class GMM(CILMethod):
         "batch_size": Param(16, "training mini-batch size", low=1),
         "lr": Param(1e-3, "AdamW learning rate (the paper: 3e-6 from MiniGPT-4's aligned projection)", low=0.0),
         "weight_decay": Param(0.05, "AdamW weight decay", low=0.0),
-        "lr_schedule": Param("none", "per-task learning-rate schedule", choices=("none", "cosine")),
+        "lr_schedule": Param("none", "per-task learning-rate schedule: cosine per epoch, or MiniGPT-4's linear warm-up "
+                             "over warmup_steps iterations then a per-iteration cosine to min_lr",
+                             choices=("none", "cosine", "warmup_cosine")),
+        "warmup_steps": Param(200, "warmup_cosine: iterations of linear warm-up at the start of every task", low=0),
+        "min_lr": Param(0.0, "warmup_cosine: the lr at the end of every task", low=0.0),
+        "decay_biases": Param(True, "weight decay on biases and other 1-D parameters too (MiniGPT-4 exempts them)"),
         "model": Param("offline", "vision-language stack", choices=("offline", "tiny", "hf_llava")),
         "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers LLaVA model for model=hf_llava"),
         "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
@@ -80,6 +85,7 @@ class GMM(CILMethod):
         self.exemplars: dict[int, torch.Tensor] = {}  # class -> uint8 images
         self.stored_feats: dict[int, torch.Tensor] = {}  # class -> float16 encoder tokens
         self.feat_stats: dict[int, torch.Tensor] = {}  # class -> (2, N, D) float32 mean and std
+        self._scheduler = None  # lr_schedule=warmup_cosine: this task's, built at its first iteration
         super().__init__(context=context, hp=hp, plugins=plugins)
         self.cache_mode = self._cache_mode(hp["feature_cache"])
         self.cache = feature_cache(self.model.encoder_id, self.cache_mode == "disk") if self.cache_mode != "none" else None
@@ -102,7 +108,33 @@ class GMM(CILMethod):
 
     def build_optimizer(self, model):
         trainable = [q for q in model.parameters() if q.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+        decay = self.hp["weight_decay"]
+        if self.hp["decay_biases"]:
+            return torch.optim.AdamW(trainable, lr=self.hp["lr"], weight_decay=decay)
+        groups = [{"params": [q for q in trainable if q.ndim >= 2], "weight_decay": decay},
+                  {"params": [q for q in trainable if q.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hp["lr"])
+
+    def _warmup_cosine(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """This task's schedule, per iteration: linear warm-up, then cosine down to min_lr."""
+        hp = self.hp
+        total = self.train_epochs * len(self.dataloader)
+        warmup = min(hp["warmup_steps"], total)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(1, total - warmup), eta_min=hp["min_lr"])
+        if not warmup:
+            return cosine
+        ramp = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1 / warmup, total_iters=warmup)
+        return torch.optim.lr_scheduler.SequentialLR(self.optimizer, [ramp, cosine], milestones=[warmup])
+
+    def _before_training_iteration(self, **kwargs):
+        if self.hp["lr_schedule"] == "warmup_cosine" and self._scheduler is None:
+            self._scheduler = self._warmup_cosine()  # the first iteration: the task's length is known now
+        super()._before_training_iteration(**kwargs)
+
+    def _after_training_iteration(self, **kwargs):
+        super()._after_training_iteration(**kwargs)
+        if self._scheduler is not None:
+            self._scheduler.step()
 
     def make_optimizer(self, **kwargs):
         # Avalanche would add every model parameter (135M frozen ones included) to the
@@ -199,6 +231,10 @@ class GMM(CILMethod):
     def learn(self, experience) -> None:
         new = [int(c) for c in experience.classes_in_this_experience]
         self.n_seen = max(self.n_seen, max(new) + 1)
+        self._scheduler = None  # a new task starts its schedule (and its lr) over
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.hp["lr"]
+            group.pop("initial_lr", None)
         self.train(experience)
         self._update_memory(experience.dataset, new)
         if self.cache is not None:

@@ -140,7 +140,7 @@ def _method(**overrides):
     data = data_mod.prepare(protocol, max_train_per_class=6)
     cls = METHODS.get("gmm")
     hp = {k: p.default for k, p in cls.params.items()}
-    hp.update(model="tiny", epochs=1, max_new_tokens=4, batch_size=64, **overrides)
+    hp.update({"model": "tiny", "epochs": 1, "max_new_tokens": 4, "batch_size": 64, **overrides})
     ctx = MethodContext(protocol, data.class_names, torch.device("cpu"), 0, True, True)
     return cls(context=ctx, hp=hp), build_benchmark(data)
 
@@ -441,3 +441,22 @@ def test_a_feature_cache_that_cannot_fit_is_refused_or_skipped(monkeypatch):
     x = torch.rand(3, 1, 28, 28)
     cached = _gmm("memory", 10)
     assert torch.equal(method.features(x), cached.features(x))
+
+
+def test_warmup_cosine_restarts_every_task_and_biases_can_skip_decay():
+    method, bench = _method(lr_schedule="warmup_cosine", warmup_steps=3, min_lr=1e-5, lr=1e-3, epochs=2,
+                            batch_size=8, decay_biases=False)
+    decays = sorted((len(g["params"]), g["weight_decay"]) for g in method.optimizer.param_groups)
+    assert decays == [(1, 0.0), (1, 0.05)]  # the projection's bias, its weight
+    lrs = []
+    method.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    per_task = []
+    for exp in bench.train_stream:
+        before = len(lrs)
+        method.learn(exp)
+        per_task.append(lrs[before:])
+    for task in per_task:  # 60 samples / 8 = 8 iterations x 2 epochs
+        assert len(task) == 16
+        assert task[:4] == pytest.approx([1e-3 / 3, 5e-3 / 9, 7e-3 / 9, 1e-3])  # linear warm-up to the peak
+        assert all(a > b for a, b in zip(task[3:], task[4:]))  # then down, every iteration
+        assert 1e-5 < task[-1] < 1e-4  # to near min_lr at the task's end
