@@ -28,6 +28,7 @@ process (PyCIL also measures test accuracy every 5 epochs, as it ships).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import warnings
@@ -97,7 +98,7 @@ class PyCILiCaRL:
         icarl.init_epoch, icarl.epochs = epochs, epochs
         icarl.init_milestones, icarl.milestones = scaled(PYCIL_INIT, epochs), scaled(PYCIL_LATER, epochs)
         icarl.num_workers = workers
-        icarl.tqdm = lambda iterable, *a, **k: iterable  # its per-epoch progress bars
+        icarl.tqdm = functools.partial(icarl.tqdm, disable=True)  # its per-epoch progress bars
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores
 
         train_x, train_y = materialise(data.train)
