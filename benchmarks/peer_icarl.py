@@ -162,9 +162,14 @@ def main() -> None:
           f"memory {args.memory}, {torch.get_num_threads()} CPU threads", flush=True)
     if args.diagnose:
         diagnose(data, device, args.epochs, args.memory, args.seed)
+    run_side_by_side(learners, data, args.seed, args.tasks)
+
+
+def run_side_by_side(learners: dict, data, seed: int, tasks: int | None) -> int:
+    """Run each learner on the stream, then print one row each; returns the width of the name column."""
     out = {}
     for name, make in learners.items():
-        out[name] = r = run(make, data, args.seed, args.tasks)
+        out[name] = r = run(make, data, seed, tasks)
         print(f"  {name}: done in {r['wall_time_s']:.0f} s (last {r['last_accuracy']:.1f}%)", flush=True)
     width = max(map(len, out))
     print(f"\n{'':{width}}  {'last %':>7} {'avg %':>7} {'forget %':>8} {'wall s':>7} {'cpu s':>7} "
@@ -174,6 +179,7 @@ def main() -> None:
         forget = "-" if r["average_forgetting"] is None else f"{r['average_forgetting']:.1f}"  # one task: none
         print(f"{name:{width}}  {r['last_accuracy']:7.1f} {r['avg_incremental_accuracy']:7.1f} "
               f"{forget:>8} {r['wall_time_s']:7.0f} {r['cpu_time_s']:7.0f} {r['most_exemplars']:7d}  {steps}")
+    return width
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from harness.method import MethodContext, materialise  # noqa: E402
 from harness.params import resolve_params  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import METHODS, discover  # noqa: E402
-from peer_icarl import run  # noqa: E402
+from peer_icarl import run_side_by_side  # noqa: E402
 
 # PyCIL's iCaRL schedule for CIFAR-100 (models/icarl.py), scaled to --epochs.
 PYCIL_INIT = (200, (60, 120, 170))
@@ -199,18 +199,7 @@ def main() -> None:
                                                      args.backbone,
                                                      hp["crop_padding"], args.pycil_workers, args.seed, own_nme),
     }
-    out = {}
-    for name, make in learners.items():
-        out[name] = r = run(make, data, args.seed, args.tasks)
-        print(f"  {name}: done in {r['wall_time_s']:.0f} s (last {r['last_accuracy']:.1f}%)", flush=True)
-    width = max(map(len, out))
-    print(f"\n{'':{width}}  {'last %':>7} {'avg %':>7} {'forget %':>8} {'wall s':>7} {'cpu s':>7} "
-          f"{'max mem':>7}  A_t per task")
-    for name, r in out.items():
-        steps = " ".join(f"{a:.1f}" for a in r["step_accuracy"])
-        forget = "-" if r["average_forgetting"] is None else f"{r['average_forgetting']:.1f}"
-        print(f"{name:{width}}  {r['last_accuracy']:7.1f} {r['avg_incremental_accuracy']:7.1f} "
-              f"{forget:>8} {r['wall_time_s']:7.0f} {r['cpu_time_s']:7.0f} {r['most_exemplars']:7d}  {steps}")
+    width = run_side_by_side(learners, data, args.seed, args.tasks)
     print(f"{'PyCIL own eval_task NME top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
           + " ".join(f"{a:.1f}" for a in own_nme))
 
