@@ -184,6 +184,17 @@ class CILMethod(SupervisedTemplate):
         kind = self.hp.get("augment", "protocol")
         return self.context.protocol.augment if kind == "protocol" else kind
 
+    def restart_optimizer(self, weight_decay: float | None = None) -> None:
+        """A fresh optimizer for a new task: no state (momentum, moments) from the last one, the
+        settings' lr (and `weight_decay` where given), and no bookkeeping of an old scheduler, so
+        a new one starts from this lr."""
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.hp["lr"]
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+            group.pop("initial_lr", None)
+
     # ---- the harness-facing contract ------------------------------------------------
     def learn(self, experience) -> None:
         self.train(experience)

@@ -232,9 +232,7 @@ class GMM(CILMethod):
         new = [int(c) for c in experience.classes_in_this_experience]
         self.n_seen = max(self.n_seen, max(new) + 1)
         self._scheduler = None  # a new task starts its schedule (and its lr) over
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.hp["lr"]
-            group.pop("initial_lr", None)
+        self.restart_optimizer()
         self.train(experience)
         self._update_memory(experience.dataset, new)
         if self.cache is not None:

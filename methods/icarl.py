@@ -97,10 +97,7 @@ class ICaRL(RehearsalMethod):
         hp = self.hp
         self.train_epochs = hp["init_epochs"] if first and hp["init_epochs"] else hp["epochs"]
         decay = hp["init_weight_decay"] if first and hp["init_weight_decay"] >= 0 else hp["weight_decay"]
-        self.optimizer.state.clear()  # a fresh optimizer per task: no momentum from the last one
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = hp["lr"], decay
-            group.pop("initial_lr", None)  # a new scheduler starts from this lr
+        self.restart_optimizer(weight_decay=decay)
         if self.hp["lr_schedule"] == "multistep":
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 self.optimizer, self.milestones["init" if first else "later"], self.hp["lr_decay"])
