@@ -36,7 +36,11 @@ def create_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     """Build a backbone by name; it exposes `out_dim`."""
     if name not in _BACKBONES:
         raise HarnessError(f"unknown backbone '{name}'; known: {', '.join(backbone_names())}")
-    return _BACKBONES[name](in_channels=in_channels, image_size=image_size)
+    # Channels-last weights make oneDNN run the convolutions in NHWC (conv outputs follow the
+    # weights' layout): on 2 CPU cores training 1.1-1.3x and evaluation 1.0-2.4x faster for
+    # every backbone here (README, "Speed").
+    net = _BACKBONES[name](in_channels=in_channels, image_size=image_size)
+    return net.to(memory_format=torch.channels_last)
 
 
 class ConvNet(nn.Module):

@@ -41,7 +41,7 @@ def test_attention_loss_zero_for_identical_models_positive_after_a_change():
     assert attention_loss(old, new, x).item() < 1e-6
     with torch.no_grad():
         conv = new.backbone.features[3]  # the last convolution
-        conv.weight.add_(0.5 * torch.randn_like(conv.weight))
+        conv.weight.add_(0.5 * torch.randn(conv.weight.shape))  # randn_like would follow channels-last
     assert attention_loss(old, new, x).item() > 1e-3
 
 
@@ -51,7 +51,7 @@ def test_a_step_on_the_attention_loss_moves_the_model_and_reduces_it():
     new = frozen_copy(old).requires_grad_(True)
     with torch.no_grad():
         for p in new.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape))
     before = {n: p.detach().clone() for n, p in new.named_parameters()}
     opt = torch.optim.SGD(new.parameters(), lr=0.05)
     loss = attention_loss(old, new, x)
