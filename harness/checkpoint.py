@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.io import atomic_write_bytes
+from harness.atomic import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
 MAGIC = b"CILHARNESS-CKPT-1 sha256="

@@ -55,7 +55,8 @@ def backward_transfer(matrix: Sequence[Sequence[float]]) -> float | None:
 def avalanche_forgetting(matrix: Sequence[Sequence[float]]) -> float | None:
     """Avalanche's own forgetting, a[i][i] - a[T][i] averaged over i < T (not Chaudhry's).
 
-    Computed with Avalanche's standalone Forgetting metric; reported only under this name.
+    It is exactly -BWT; kept, computed with Avalanche's standalone Forgetting metric, so a
+    figure from an Avalanche paper can be compared under its own name.
     """
     a = _square(matrix)
     T = len(a)

@@ -22,7 +22,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
-from harness.io import atomic_savefig  # noqa: E402
+from harness.atomic import atomic_savefig  # noqa: E402
 
 _DPI = 150
 _ANNOTATE_MAX_TASKS = 12

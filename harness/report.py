@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.io import atomic_write_text
+from harness.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

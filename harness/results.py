@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from harness.errors import HarnessError
-from harness.io import atomic_write_json, atomic_write_text
+from harness.atomic import atomic_write_json, atomic_write_text
 
 METRIC_COLUMNS = ["step", "classes_seen", "scope", "eval_task", "n_samples", "accuracy", "train_time_s", "eval_time_s"]
 _PACKAGES = ("torch", "torchvision", "avalanche-lib", "numpy", "pandas", "timm", "transformers", "peft")

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -230,7 +230,3 @@ def run_all(specs: Sequence[RunSpec], workers: int = 1) -> list[RunOutcome]:
         return [execute(s) for s in specs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         return list(pool.map(execute, specs))
-
-
-def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)

@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.io import atomic_write_bytes  # noqa: E402
+from harness.atomic import atomic_write_bytes  # noqa: E402
 
 VERSION = "1.0.6"
 DEFAULT_OUT = REPO / "protocols" / "data" / "quickdraw345.npz"
