@@ -31,24 +31,32 @@ class Evaluator:
                                     generator=torch.Generator().manual_seed(0)):
                 yield batch[0], torch.as_tensor(batch[1])
 
+    def task_accuracy(self, scores_of, task: int, classes_seen: int, who: str,
+                      pooled: Accuracy | None = None) -> tuple[float, int]:
+        """(accuracy in percent, test samples) of the argmax of scores_of(x)[:, :classes_seen]
+        on `task`'s test data; `who` names the scorer in errors; `pooled` accumulates the same
+        predictions."""
+        acc = Accuracy()
+        n = 0
+        for x, y in self._batches(task):
+            scores = scores_of(x)
+            if scores.dim() != 2 or scores.shape[0] != len(y) or scores.shape[1] < classes_seen:
+                raise HarnessError(
+                    f"{who} returned scores of shape {tuple(scores.shape)}; expected ({len(y)}, >= {classes_seen})"
+                )
+            pred = scores[:, :classes_seen].argmax(1).cpu()
+            acc.update(pred, y)
+            if pooled is not None:
+                pooled.update(pred, y)
+            n += len(y)
+        return 100.0 * acc.result(), n
+
     def evaluate(self, method, step: int, classes_seen: int) -> tuple[list[float], float, list[int]]:
         """(a[step][i] for i <= step, A_step, test samples per task); accuracies in percent."""
         pooled = Accuracy()
         row, sizes = [], []
         for task in range(step + 1):
-            acc = Accuracy()
-            n = 0
-            for x, y in self._batches(task):
-                scores = method.class_scores(x)
-                if scores.dim() != 2 or scores.shape[0] != len(y) or scores.shape[1] < classes_seen:
-                    raise HarnessError(
-                        f"method {method.name} returned scores of shape {tuple(scores.shape)}; "
-                        f"expected ({len(y)}, >= {classes_seen})"
-                    )
-                pred = scores[:, :classes_seen].argmax(1).cpu()
-                acc.update(pred, y)
-                pooled.update(pred, y)
-                n += len(y)
-            row.append(100.0 * acc.result())
+            acc, n = self.task_accuracy(method.class_scores, task, classes_seen, f"method {method.name}", pooled)
+            row.append(acc)
             sizes.append(n)
         return row, 100.0 * pooled.result(), sizes

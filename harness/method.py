@@ -59,6 +59,7 @@ class MethodContext:
     in_memory: bool = True  # training data fits in memory: use the fast tensor loader
     quiet: bool = False
     images: int = 0  # training + test images of the whole stream (0: unknown), e.g. to size a feature cache
+    data_root: str | None = None  # where datasets live (--data-root), for methods that read more of the dataset
 
 
 class TensorBatches:
@@ -203,6 +204,12 @@ class CILMethod(SupervisedTemplate):
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         return self.model(x.to(self.device))
+
+    def zero_shot_scores(self, x: torch.Tensor, n_classes: int) -> torch.Tensor | None:
+        """Scores over the first n_classes, some of which the method has not trained on yet;
+        None where it cannot score an untrained class (a classifier that grows per task).
+        The runner records, before each task, the accuracy on that task's test data."""
+        return None
 
     def memory_usage(self) -> tuple[int, int]:
         return 0, 0

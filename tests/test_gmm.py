@@ -460,3 +460,32 @@ def test_warmup_cosine_restarts_every_task_and_biases_can_skip_decay():
         assert task[:4] == pytest.approx([1e-3 / 3, 5e-3 / 9, 7e-3 / 9, 1e-3])  # linear warm-up to the peak
         assert all(a > b for a, b in zip(task[3:], task[4:]))  # then down, every iteration
         assert 1e-5 < task[-1] < 1e-4  # to near min_lr at the task's end
+
+
+def test_text_encoder_by_name_takes_a_clip_text_tower_or_a_sentence_transformer(tmp_path):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from harness.errors import HarnessError
+    from harness.vlm import CLIPTextEncoder, SentenceTextEncoder, minilm_text_encoder, smollm2_path, text_encoder_by_name
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())  # a real BPE vocabulary for a tiny CLIP
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    cfg = CLIPConfig(text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 77},
+                     vision_config={**small, "image_size": 28, "patch_size": 14}, projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    clip = text_encoder_by_name(str(tmp_path / "clip"))
+    assert isinstance(clip, CLIPTextEncoder)
+    emb = clip(["cat", "a hot air balloon " * 40])  # longer than the tower's 77 positions: cut, as CLIP does
+    assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=1), torch.ones(2))
+
+    minilm_text_encoder().model.save(str(tmp_path / "st"))
+    st = text_encoder_by_name(str(tmp_path / "st"))
+    assert isinstance(st, SentenceTextEncoder)
+    assert torch.allclose(st(NAMES), minilm_text_encoder()(NAMES), atol=1e-5)
+    with pytest.raises(HarnessError, match="cannot read its config"):
+        text_encoder_by_name(str(tmp_path / "absent"))
+
+    method, _ = _method(text_encoder=str(tmp_path / "clip"))  # GMM's class names go through it
+    assert isinstance(method.model.text_encoder, CLIPTextEncoder) and method.class_embeddings.shape == (20, 16)
+    assert method.run_info()["text_encoder"] == "CLIPTextEncoder"
