@@ -30,8 +30,8 @@ CANDIDATES = {
     "lr 1e-3, 1 epoch": [*_PAPER, "gmm.lr=1e-3", "gmm.min_lr=3e-4", "gmm.epochs=1"],
     "lr 3e-4, 1 epoch": [*_PAPER, "gmm.lr=3e-4", "gmm.min_lr=1e-4", "gmm.epochs=1"],
     "lr 1e-4, 1 epoch": [*_PAPER, "gmm.lr=1e-4", "gmm.min_lr=3e-5", "gmm.epochs=1"],
-    "lr 1e-3, 2 epochs": [*_PAPER, "gmm.lr=1e-3", "gmm.min_lr=3e-4", "gmm.epochs=2"],
-    "lr 1e-3, 1 epoch, unaligned": [*_PAPER, "gmm.lr=1e-3", "gmm.min_lr=3e-4", "gmm.epochs=1", "gmm.align=none"],
+    "lr 3e-4, 2 epochs": [*_PAPER, "gmm.lr=3e-4", "gmm.min_lr=1e-4", "gmm.epochs=2"],
+    "lr 3e-4, 1 epoch, unaligned": [*_PAPER, "gmm.lr=3e-4", "gmm.min_lr=1e-4", "gmm.epochs=1", "gmm.align=none"],
 }
 
 

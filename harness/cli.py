@@ -166,6 +166,8 @@ def _show_method(name: str) -> None:
         print(f"  {key:<20} {kind:<6} {param.default!s:<12} {allowed:<28} {param.help}")
     for family, recipe in sorted(getattr(cls, "protocol_defaults", {}).items()):
         print(f"\n{family} protocols: " + " ".join(f"{k}={v}" for k, v in recipe.items()))
+    for condition, recipe in sorted(getattr(cls, "setting_defaults", {}).items()):
+        print(f"\nwith {condition}: " + " ".join(f"{k}={v}" for k, v in recipe.items()))
 
 
 def cmd_list(args) -> int:

@@ -136,6 +136,7 @@ class CILMethod(SupervisedTemplate):
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = TRAINING_PARAMS
     protocol_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    setting_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # {"key=value": recipe}, see harness.params
 
     def __init__(self, *, context: MethodContext, hp: dict[str, Any], plugins=()):
         self.context, self.hp = context, Settings(type(self).name, hp)

@@ -2,7 +2,9 @@
 
 A method declares `params = {"lr": Param(0.01, low=0.0), ...}` and, per protocol
 family, `protocol_defaults = {"cifar100": {"lr": 0.1}}`. The resolved value of each
-parameter is: declared default < protocol-family default < CLI flags (--epochs)
+parameter is: declared default < protocol-family default < a setting's own recipe
+(`setting_defaults = {"model=hf_llava": {"lr": 3e-6}}`: applies when the resolved value of
+`model` is `hf_llava`, to every key the user did not set) < CLI flags (--epochs)
 < `--set method.key=value` (or `--set key=value` for every method declaring `key`).
 """
 from __future__ import annotations
@@ -117,4 +119,10 @@ def resolve_params(
     for method, k, v in overrides:
         if method in (None, cls.name) and k in declared:
             values[k] = changed[k] = declared[k].coerce(f"{cls.name}.{k}", v)
+    for condition, recipe in getattr(cls, "setting_defaults", {}).items():
+        key, _, value = condition.partition("=")
+        if str(values[key]) == value:
+            for k, v in recipe.items():
+                if k not in changed:
+                    values[k] = declared[k].coerce(f"{cls.name}.{k}", v)
     return values, changed

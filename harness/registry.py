@@ -78,10 +78,16 @@ def register_method(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         cls.name = name
         declared = getattr(cls, "params", {})
-        for family, recipe in getattr(cls, "protocol_defaults", {}).items():
+        recipes = {**{family: r for family, r in getattr(cls, "protocol_defaults", {}).items()},
+                   **{condition: r for condition, r in getattr(cls, "setting_defaults", {}).items()}}
+        for condition in getattr(cls, "setting_defaults", {}):
+            if condition.partition("=")[0] not in declared:
+                raise HarnessError(f"method '{name}': its recipe for {condition} depends on a setting its params "
+                                   "do not declare")
+        for which, recipe in recipes.items():
             unknown = sorted(set(recipe) - set(declared))
             if unknown:
-                raise HarnessError(f"method '{name}': its {family} recipe sets {', '.join(unknown)}, "
+                raise HarnessError(f"method '{name}': its {which} recipe sets {', '.join(unknown)}, "
                                    f"which its params do not declare")
         return METHODS.register(name, cls)
 

@@ -57,3 +57,17 @@ def test_none_is_a_value_where_the_choices_name_it():
     cls = METHODS.get("finetune")
     hp, changed = resolve_params(cls, "quickdraw", [("finetune", "lr_schedule", "none"), ("finetune", "augment", "none")])
     assert hp["lr_schedule"] == "none" and hp["augment"] == "none" and changed == {"lr_schedule": "none", "augment": "none"}
+
+
+def test_a_setting_can_bring_its_own_recipe_and_the_user_still_wins():
+    from harness.registry import METHODS, discover
+
+    discover()
+    gmm = METHODS.get("gmm")
+    hp, changed = resolve_params(gmm, "quickdraw", [("gmm", "model", "hf_llava")])
+    assert (hp["lr"], hp["min_lr"], hp["warmup_steps"], hp["epochs"], hp["batch_size"]) == (3e-6, 1e-6, 200, 5, 2)
+    assert changed == {"model": "hf_llava"}  # the row is labelled by what the user set
+    hp, _ = resolve_params(gmm, "quickdraw", [("gmm", "model", "hf_llava"), ("gmm", "lr", "1e-5")])
+    assert hp["lr"] == 1e-5 and hp["epochs"] == 5
+    hp, _ = resolve_params(gmm, "quickdraw", [])
+    assert hp["lr"] == gmm.params["lr"].default and hp["image_size"] == 112
