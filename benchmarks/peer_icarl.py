@@ -98,15 +98,15 @@ def run(make, data, seed: int, tasks: int | None = None) -> dict:
     seed_everything(seed)  # same ConvNet initialisation for both
     benchmark = build_benchmark(data)
     learner = make()
-    evaluator = Evaluator(benchmark.test_stream, data.in_memory)
+    evaluator = Evaluator(benchmark.test_stream, data.in_memory, data.task_classes())
     matrix, step_acc, seen, most = [], [], 0, 0
     start, cpu = time.perf_counter(), time.process_time()
     for step, experience in enumerate(benchmark.train_stream[:tasks]):
         seen += len(experience.classes_in_this_experience)
         learner.learn(experience)
-        row, acc, _ = evaluator.evaluate(learner, step, seen)
-        matrix.append(row)
-        step_acc.append(acc)
+        scores = evaluator.evaluate(learner, step, seen)
+        matrix.append(scores.row)
+        step_acc.append(scores.seen)
         most = max(most, learner.memory_usage()[0])
     return {**metrics.summarise(matrix, step_acc), "wall_time_s": time.perf_counter() - start,
             "cpu_time_s": time.process_time() - cpu, "most_exemplars": most}

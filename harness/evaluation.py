@@ -1,6 +1,8 @@
 """Evaluation, identical for every method: argmax of its class scores over seen classes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from avalanche.evaluation.metrics import Accuracy
 from torch.utils.data import DataLoader
@@ -9,14 +11,29 @@ from harness.errors import HarnessError
 from harness.method import materialise
 
 
+@dataclass
+class StepScores:
+    """One evaluation after task `step`, in percent. Class-IL: argmax over every seen class
+    (the harness's headline figures). Task-IL: the task identity is given, so each sample's
+    argmax is over its own task's classes only (Avalanche's and Mammoth's "Task-IL")."""
+
+    row: list[float]  # a[step][i], Class-IL
+    seen: float  # A_step, Class-IL
+    sizes: list[int]  # test samples per task
+    task_il_row: list[float]
+    task_il_seen: float
+
+
 class Evaluator:
     """Scores a method on the test data of every task seen so far.
 
-    Test tensors of in-memory datasets are read once and reused at every step.
+    Test tensors of in-memory datasets are read once and reused at every step. Labels are
+    in arrival order, so task i's classes are one contiguous range (`task_classes`).
     """
 
-    def __init__(self, test_stream, in_memory: bool, batch_size: int = 512):
+    def __init__(self, test_stream, in_memory: bool, task_classes: list[list[int]], batch_size: int = 512):
         self.test_stream, self.in_memory, self.batch_size = test_stream, in_memory, batch_size
+        self.task_classes = task_classes
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _batches(self, task: int):
@@ -32,11 +49,12 @@ class Evaluator:
                 yield batch[0], torch.as_tensor(batch[1])
 
     def task_accuracy(self, scores_of, task: int, classes_seen: int, who: str,
-                      pooled: Accuracy | None = None) -> tuple[float, int]:
-        """(accuracy in percent, test samples) of the argmax of scores_of(x)[:, :classes_seen]
-        on `task`'s test data; `who` names the scorer in errors; `pooled` accumulates the same
-        predictions."""
-        acc = Accuracy()
+                      pooled: tuple[Accuracy, Accuracy] | None = None) -> tuple[float, int, float]:
+        """(Class-IL accuracy, test samples, Task-IL accuracy) of scores_of(x) on `task`'s test
+        data, Class-IL over the first classes_seen classes; `who` names the scorer in errors;
+        `pooled` (Class-IL, Task-IL) accumulates the same predictions."""
+        acc, til = Accuracy(), Accuracy()
+        lo, hi = self.task_classes[task][0], self.task_classes[task][-1] + 1
         n = 0
         for x, y in self._batches(task):
             scores = scores_of(x)
@@ -45,18 +63,23 @@ class Evaluator:
                     f"{who} returned scores of shape {tuple(scores.shape)}; expected ({len(y)}, >= {classes_seen})"
                 )
             pred = scores[:, :classes_seen].argmax(1).cpu()
+            pred_til = scores[:, lo:hi].argmax(1).cpu() + lo
             acc.update(pred, y)
+            til.update(pred_til, y)
             if pooled is not None:
-                pooled.update(pred, y)
+                pooled[0].update(pred, y)
+                pooled[1].update(pred_til, y)
             n += len(y)
-        return 100.0 * acc.result(), n
+        return 100.0 * acc.result(), n, 100.0 * til.result()
 
-    def evaluate(self, method, step: int, classes_seen: int) -> tuple[list[float], float, list[int]]:
-        """(a[step][i] for i <= step, A_step, test samples per task); accuracies in percent."""
-        pooled = Accuracy()
-        row, sizes = [], []
+    def evaluate(self, method, step: int, classes_seen: int) -> StepScores:
+        """Every seen task's test data scored by method.class_scores."""
+        pooled = (Accuracy(), Accuracy())
+        out = StepScores([], 0.0, [], [], 0.0)
         for task in range(step + 1):
-            acc, n = self.task_accuracy(method.class_scores, task, classes_seen, f"method {method.name}", pooled)
-            row.append(acc)
-            sizes.append(n)
-        return row, 100.0 * pooled.result(), sizes
+            acc, n, til = self.task_accuracy(method.class_scores, task, classes_seen, f"method {method.name}", pooled)
+            out.row.append(acc)
+            out.sizes.append(n)
+            out.task_il_row.append(til)
+        out.seen, out.task_il_seen = 100.0 * pooled[0].result(), 100.0 * pooled[1].result()
+        return out

@@ -54,10 +54,11 @@ def _legend(ax, n: int) -> None:
         ax.legend(title=None)
 
 
-def _acc_vs_classes(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure:
+def _acc_vs_classes(g: pd.DataFrame, protocol: str, palette: dict, field: str = "step_accuracy",
+                    ylabel: str = "Accuracy on all seen classes (%)") -> plt.Figure:
     tidy = pd.DataFrame(
         [{"label": r.label, "seed": r.seed, "classes": c, "acc": a}
-         for r in g.itertuples() for c, a in zip(r.classes_seen, r.step_accuracy)])
+         for r in g.itertuples() for c, a in zip(r.classes_seen, getattr(r, field))])
     labels = sorted(g.label.unique())
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     sns.lineplot(data=tidy, x="classes", y="acc", hue="label", hue_order=labels,
@@ -68,8 +69,7 @@ def _acc_vs_classes(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure
         ax.set_xticks(xs)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="Number of classes seen", ylabel="Accuracy on all seen classes (%)",
-           title=protocol)
+    ax.set(xlabel="Number of classes seen", ylabel=ylabel, title=protocol)
     _legend(ax, len(labels))
     return fig
 
@@ -131,6 +131,11 @@ def write_figures(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         for protocol, g in runs.groupby("protocol", sort=True):
             ps = proto_slug[protocol]
             paths += _save(_acc_vs_classes(g, protocol, palette), out_dir, f"acc_vs_classes_{ps}")
+            til = g[g.task_il_step_accuracy.map(lambda v: isinstance(v, list))] if "task_il_step_accuracy" in g else g[:0]
+            if len(til):  # runs that recorded Task-IL (the task identity given at test time)
+                paths += _save(_acc_vs_classes(til, protocol, palette, "task_il_step_accuracy",
+                                               "Task-IL accuracy, task identity given (%)"),
+                               out_dir, f"acc_vs_classes_task_il_{ps}")
             if g.per_task_forgetting.map(len).max() > 0:  # one-task runs forget nothing
                 paths += _save(_forgetting(g, protocol, palette), out_dir, f"forgetting_{ps}")
             label_slug = _slugs(g.label.unique())

@@ -31,11 +31,15 @@ _REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_se
 # Numeric summary fields aggregated over seeds (mean and std) in the CSV table.
 NUMERIC = ("avg_incremental_accuracy", "last_accuracy", "average_forgetting", "bwt",
            "avalanche_forgetting", "wall_time_s", "train_time_s", "eval_time_s",
-           "trainable_params", "memory_exemplars", "memory_bytes", "zero_shot_mean")
+           "trainable_params", "memory_exemplars", "memory_bytes", "zero_shot_mean",
+           "task_il_avg_incremental_accuracy", "task_il_last_accuracy")
 # Display columns of the paper table, per protocol; "Zero-shot (%)" (the mean over tasks of
 # each task's accuracy before it was trained) only where some run recorded it.
 COLUMNS = ("Avg (%)", "Last (%)", "Forgetting (%)", "Seeds", "Wall time", "Params", "Exemplars")
 ZERO_SHOT = "Zero-shot (%)"
+# Task-IL (the task identity given at test time): only where some run recorded it; the
+# unprefixed Avg and Last are always Class-IL.
+TASK_IL = ("Task-IL Avg (%)", "Task-IL Last (%)")
 _SEED_DIR = re.compile(r"seed\d+$")
 
 
@@ -165,6 +169,9 @@ def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
     s = summary_table(runs)
     names = list(COLUMNS)
     with_zero_shot = s.zero_shot_mean_mean.notna().any()
+    with_task_il = s.task_il_avg_incremental_accuracy_mean.notna().any()
+    if with_task_il:
+        names[3:3] = TASK_IL
     if with_zero_shot:
         names.insert(3, ZERO_SHOT)
     cells = {}
@@ -175,6 +182,9 @@ def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
                _pm(r.average_forgetting_mean, r.average_forgetting_std, n),
                str(n), _duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
                _memory(r.memory_exemplars_mean, r.memory_bytes_mean)]
+        if with_task_il:
+            row[3:3] = [_pm(r.task_il_avg_incremental_accuracy_mean, r.task_il_avg_incremental_accuracy_std, n),
+                        _pm(r.task_il_last_accuracy_mean, r.task_il_last_accuracy_std, n)]
         if with_zero_shot:
             row.insert(3, _pm(r.zero_shot_mean_mean, r.zero_shot_mean_std, n))
         cells[(r.protocol, r.label)] = row

@@ -162,11 +162,13 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             "method_info": method.run_info(),
         })
 
-    evaluator = Evaluator(benchmark.test_stream, data.in_memory)
+    evaluator = Evaluator(benchmark.test_stream, data.in_memory, data.task_classes())
     # Methods that can score classes before training on them (GMM names any class) get their
     # accuracy on each task's test data measured before that task: the zero-shot figure.
     zero_shot = type(method).zero_shot_scores is not CILMethod.zero_shot_scores
     progress.setdefault("zero_shot", [])
+    for key in ("task_il_matrix", "task_il_step_accuracy"):  # absent from checkpoints of older runs
+        progress.setdefault(key, [None] * len(progress["matrix"]))
     classes_seen = sum(protocol.classes_per_task()[:first_step])
     wall_before = progress["wall_time_s"]
     start = time.perf_counter()
@@ -179,19 +181,22 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         n_threads = threads.follow_load()
         t_zero = time.perf_counter()
         if zero_shot:
-            zs, n_zs = evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step, classes_seen,
+            zs, n_zs, _ = evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step, classes_seen,
                                                f"method {method.name} (zero_shot_scores)")
             progress["zero_shot"].append(zs)
         t0 = time.perf_counter()
         method.learn(experience)
         t1 = time.perf_counter()
-        row, seen_acc, sizes = evaluator.evaluate(method, step, classes_seen)
+        scores = evaluator.evaluate(method, step, classes_seen)
+        row, seen_acc, sizes = scores.row, scores.seen, scores.sizes
         t2 = time.perf_counter()
         progress["train_time_s"] += t1 - t0
         progress["eval_time_s"] += t2 - t1 + t0 - t_zero
         progress["wall_time_s"] = wall_before + (t2 - start)
         progress["matrix"].append(row)
         progress["step_accuracy"].append(seen_acc)
+        progress["task_il_matrix"].append(scores.task_il_row)
+        progress["task_il_step_accuracy"].append(scores.task_il_seen)
         timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
         progress["rows"] += [
             {"step": step, "classes_seen": classes_seen, "scope": "task", "eval_task": i, "n_samples": n,
@@ -200,6 +205,13 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         ]
         progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "",
                                  "n_samples": sum(sizes), "accuracy": round(seen_acc, 4), **timing})
+        progress["rows"] += [
+            {"step": step, "classes_seen": classes_seen, "scope": "task_il", "eval_task": i, "n_samples": n,
+             "accuracy": round(acc, 4), **timing}
+            for i, (acc, n) in enumerate(zip(scores.task_il_row, sizes))
+        ]
+        progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "task_il_seen", "eval_task": "",
+                                 "n_samples": sum(sizes), "accuracy": round(scores.task_il_seen, 4), **timing})
         if zero_shot:  # measured before this task's training, on its test data
             progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
                                      "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
@@ -230,6 +242,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     }
     if zero_shot:
         summary["zero_shot_accuracy"] = progress["zero_shot"]
+    if None not in progress["task_il_step_accuracy"]:  # a run resumed from before Task-IL has no full record
+        summary.update(metrics.summarise_task_il(progress["task_il_matrix"], progress["task_il_step_accuracy"]))
     results.write_summary(path, summary)
     return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
 

@@ -47,9 +47,25 @@ def test_run_writes_every_result_file(finished):
     for name in ("table.md", "table.tex", "table.csv"):
         assert (proto / name).stat().st_size > 0
     pngs = sorted(p.name for p in (proto / "plots").glob("*.png"))
-    assert any(n.startswith("acc_vs_classes") for n in pngs) and any(n.startswith("forgetting") for n in pngs)
+    assert any(n.startswith("acc_vs_classes_quickdraw") for n in pngs) and any(n.startswith("forgetting") for n in pngs)
     assert sum(n.startswith("accuracy_matrix") for n in pngs) == 2
     assert len(list((proto / "plots").glob("*.pdf"))) == len(pngs)
+
+
+def test_task_il_is_recorded_beside_class_il(finished):
+    proto = finished / "quickdraw20_2x10+maxtrain=16"
+    run = proto / "finetune+epochs=1" / "seed0"
+    s = json.loads((run / "summary.json").read_text())
+    til = s["task_il_accuracy_matrix"]
+    assert [len(r) for r in til] == [1, 2] and til[0] == s["accuracy_matrix"][0]  # one task: the same question
+    assert til[1][0] > s["accuracy_matrix"][1][0]  # finetune's old task, once its classes are the only choice
+    assert s["task_il_last_accuracy"] == s["task_il_step_accuracy"][-1]
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics[metrics.scope == "task_il_seen"].accuracy.round(4).tolist() == [
+        round(a, 4) for a in s["task_il_step_accuracy"]]
+    assert "Task-IL Avg (%)" in (proto / "table.md").read_text()
+    assert (proto / "plots" / "acc_vs_classes_task_il_quickdraw20_2x10_maxtrain_16.png").exists() or any(
+        p.name.startswith("acc_vs_classes_task_il") for p in (proto / "plots").glob("*.png"))
 
 
 def test_finetune_forgets_its_first_task(finished):
