@@ -188,30 +188,17 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         method.learn(experience)
         t1 = time.perf_counter()
         scores = evaluator.evaluate(method, step, classes_seen)
-        row, seen_acc, sizes = scores.row, scores.seen, scores.sizes
+        seen_acc = scores.seen
         t2 = time.perf_counter()
         progress["train_time_s"] += t1 - t0
         progress["eval_time_s"] += t2 - t1 + t0 - t_zero
         progress["wall_time_s"] = wall_before + (t2 - start)
-        progress["matrix"].append(row)
+        progress["matrix"].append(scores.row)
         progress["step_accuracy"].append(seen_acc)
         progress["task_il_matrix"].append(scores.task_il_row)
         progress["task_il_step_accuracy"].append(scores.task_il_seen)
         timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
-        progress["rows"] += [
-            {"step": step, "classes_seen": classes_seen, "scope": "task", "eval_task": i, "n_samples": n,
-             "accuracy": round(acc, 4), **timing}
-            for i, (acc, n) in enumerate(zip(row, sizes))
-        ]
-        progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "seen", "eval_task": "",
-                                 "n_samples": sum(sizes), "accuracy": round(seen_acc, 4), **timing})
-        progress["rows"] += [
-            {"step": step, "classes_seen": classes_seen, "scope": "task_il", "eval_task": i, "n_samples": n,
-             "accuracy": round(acc, 4), **timing}
-            for i, (acc, n) in enumerate(zip(scores.task_il_row, sizes))
-        ]
-        progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "task_il_seen", "eval_task": "",
-                                 "n_samples": sum(sizes), "accuracy": round(scores.task_il_seen, 4), **timing})
+        progress["rows"] += _metric_rows(step, classes_seen, scores, timing)
         if zero_shot:  # measured before this task's training, on its test data
             progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
                                      "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
@@ -246,6 +233,20 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         summary.update(metrics.summarise_task_il(progress["task_il_matrix"], progress["task_il_step_accuracy"]))
     results.write_summary(path, summary)
     return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
+
+
+def _metric_rows(step: int, classes_seen: int, scores, timing: dict) -> list[dict[str, Any]]:
+    """metrics.csv rows of one evaluation: per task then pooled, Class-IL ("task", "seen")
+    then Task-IL ("task_il", "task_il_seen")."""
+    rows: list[dict[str, Any]] = []
+    for scope, pooled_scope, per_task, pooled in (("task", "seen", scores.row, scores.seen),
+                                                  ("task_il", "task_il_seen", scores.task_il_row, scores.task_il_seen)):
+        base = {"step": step, "classes_seen": classes_seen}
+        rows += [{**base, "scope": scope, "eval_task": i, "n_samples": n, "accuracy": round(acc, 4), **timing}
+                 for i, (acc, n) in enumerate(zip(per_task, scores.sizes))]
+        rows.append({**base, "scope": pooled_scope, "eval_task": "", "n_samples": sum(scores.sizes),
+                     "accuracy": round(pooled, 4), **timing})
+    return rows
 
 
 def _say(spec: RunSpec, text: str) -> None:
