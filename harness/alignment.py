@@ -44,6 +44,17 @@ class AlignmentSettings:
     seed: int = 0  # fixed: the same starting point for every seed of every run
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_lr: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """MiniGPT-4's schedule, stepped per iteration: a linear warm-up, then cosine to min_lr."""
+    warmup = min(warmup_steps, total_steps)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total_steps - warmup), eta_min=min_lr)
+    if not warmup:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
 def reserved_classes(protocol: Protocol, class_names: list[str]) -> set[int]:
     """Dataset labels that some registered protocol of `protocol`'s dataset uses."""
     used = set(class_order(protocol, class_names))
@@ -104,11 +115,7 @@ def train_alignment(vlm, encode: Callable[[torch.Tensor], torch.Tensor], images:
         g = torch.Generator().manual_seed(s.seed)
         steps = s.epochs * math.ceil(len(images) / s.batch_size)
         opt = torch.optim.AdamW(vlm.proj.parameters(), lr=s.lr, weight_decay=0.05)
-        warmup = min(s.warmup_steps, steps - 1)
-        sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-            torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / max(1, warmup), total_iters=max(1, warmup)),
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps - warmup), eta_min=s.lr / 100)],
-            milestones=[max(1, warmup)])
+        sched = warmup_cosine(opt, steps, s.warmup_steps, s.lr / 100)
         vlm.train()
         start, losses = time.perf_counter(), []
         bar = tqdm(total=steps, desc="alignment (stage 1, once per stack)", disable=quiet)

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness.alignment import AlignmentSettings, aligned_projection
+from harness.alignment import AlignmentSettings, aligned_projection, warmup_cosine
 from harness.errors import HarnessError
 from harness.method import CILMethod, TensorBatches
 from harness.params import Param
@@ -159,14 +159,8 @@ class GMM(CILMethod):
 
     def _warmup_cosine(self) -> torch.optim.lr_scheduler.LRScheduler:
         """This task's schedule, per iteration: linear warm-up, then cosine down to min_lr."""
-        hp = self.hp
         total = self.train_epochs * len(self.dataloader)
-        warmup = min(hp["warmup_steps"], total)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(1, total - warmup), eta_min=hp["min_lr"])
-        if not warmup:
-            return cosine
-        ramp = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1 / warmup, total_iters=warmup)
-        return torch.optim.lr_scheduler.SequentialLR(self.optimizer, [ramp, cosine], milestones=[warmup])
+        return warmup_cosine(self.optimizer, total, self.hp["warmup_steps"], self.hp["min_lr"])
 
     def _before_training_iteration(self, **kwargs):
         if self.hp["lr_schedule"] == "warmup_cosine" and self._scheduler is None:
