@@ -68,15 +68,21 @@ def reserved_classes(protocol: Protocol, class_names: list[str]) -> set[int]:
     return used
 
 
-def alignment_data(protocol: Protocol, per_class: int, data_root=None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """(training images, names of the alignment classes, label index into those names)."""
+def alignment_classes(protocol: Protocol, data_root=None):
+    """(the dataset's splits, labels of the alignment classes): those no registered protocol uses."""
     splits = load_splits(protocol, data_root)
-    names = list(splits.class_names)
-    reserved = reserved_classes(protocol, names)
-    pool = [c for c in range(len(names)) if c not in reserved]
+    reserved = reserved_classes(protocol, list(splits.class_names))
+    pool = [c for c in range(len(splits.class_names)) if c not in reserved]
     if not pool:
         raise HarnessError(f"gmm.align=disjoint: every class of dataset {protocol.dataset} belongs to a registered "
                            "protocol, so none is left to align on; use gmm.align=none")
+    return splits, pool
+
+
+def alignment_data(protocol: Protocol, per_class: int, data_root=None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(training images, names of the alignment classes, label index into those names)."""
+    splits, pool = alignment_classes(protocol, data_root)
+    names = list(splits.class_names)
     index = {c: k for k, c in enumerate(pool)}
     taken: dict[int, int] = {}
     picked, labels = [], []
@@ -144,9 +150,10 @@ def aligned_projection(vlm, protocol: Protocol, encode: Callable[[torch.Tensor],
     """Load vlm.proj's aligned weights, from `bundled` (read-only, shipped with the project) or
     `cache`, building them into `cache` first when neither holds a sound file for this key;
     returns what was done (the record written to the run's config)."""
-    images, names, labels = alignment_data(protocol, settings.per_class, data_root)
     from harness.vlm import answer_sentence  # lazy: vlm imports transformers
 
+    splits, pool = alignment_classes(protocol, data_root)  # the key needs only the names
+    names = [splits.class_names[c] for c in pool]
     key = alignment_key(vlm, protocol.noun, names, settings)
     filename = f"align-{key[:20]}.pt"
     for folder in (bundled, cache):
@@ -161,6 +168,7 @@ def aligned_projection(vlm, protocol: Protocol, encode: Callable[[torch.Tensor],
         if state.get("key") == key:
             vlm.proj.load_state_dict(state["proj"])
             return {**state["record"], "file": str(path), "built": False}
+    images, names, labels = alignment_data(protocol, settings.per_class, data_root)  # building: now the images
     answers = vlm.answer_ids([answer_sentence(protocol.noun, n) for n in names])[labels]
     record = {"classes": len(names), "first_classes": names[:5], **asdict(settings),
               **train_alignment(vlm, encode, images, answers, settings, quiet, amp)}
