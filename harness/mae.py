@@ -8,11 +8,16 @@ the same encoder as whole images.
 - encode(patches, positions): linear patch embedding + learned position embedding,
   a class token, pre-norm Transformer blocks (torch's TransformerEncoderLayer).
   Returns the deep tokens (last block) and the shallow tokens (block `shallow_block`).
-- features(x): the deep class token; with the bilateral part, plus an MLP of the deep
-  and shallow class tokens (the embedding-level fusion).
-- reconstruct(patches, positions): the lightweight decoder fills the missing patches
-  from the deep tokens; with the bilateral part, the shallow tokens go through the same
-  decoder and their image, high-pass filtered with an FFT, is added (image level).
+- features(x): the deep class token; with the bilateral part, an MLP of the deep and
+  shallow class tokens instead (the embedding-level fusion).
+- reconstruct(patches, positions): the decoder (one block of the encoder's width, as the
+  reference code) fills the missing patches from the deep tokens; with the bilateral part,
+  the shallow tokens go through the same decoder and their image, high-pass filtered with
+  an FFT, is added (image level).
+
+The shallow tokens follow the reference code (docs/methods.md): the first fifth of the
+channels after block `shallow_block`, detached, widened back by a linear layer; so the
+shallow branch trains its own layers and the decoder, never the encoder.
 """
 from __future__ import annotations
 
@@ -70,13 +75,14 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList
 
 class MaskedViT(nn.Module):
     def __init__(self, *, channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
-                 decoder_dim: int, decoder_depth: int, shallow_block: int = 1, bilateral: bool = True,
-                 mlp_ratio: float = 2.0, high_pass_radius: float = 2.0):
+                 decoder_dim: int = 0, decoder_depth: int = 1, shallow_block: int = 2, bilateral: bool = True,
+                 mlp_ratio: float = 2.0, high_pass_radius: float = 2.0, shallow_share: float = 0.2):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
         if not 1 <= shallow_block < depth:
             raise ValueError(f"shallow_block must lie in [1, {depth - 1}]")
+        decoder_dim = decoder_dim or dim  # 0: the encoder's width, as the reference code
         self.channels, self.patch, self.bilateral = channels, patch, bilateral
         self.num_patches = (image_size // patch) ** 2
         self.patch_dim = patch * patch * channels
@@ -88,14 +94,19 @@ class MaskedViT(nn.Module):
         self.blocks = _blocks(dim, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(dim)
         if bilateral:
-            self.shallow_norm = nn.LayerNorm(dim)
-            self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+            self.shallow_width = max(1, round(dim * shallow_share))
+            self.shallow_expand = nn.Linear(self.shallow_width, dim)
+            self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(),
+                                      nn.Linear(dim, dim))
+            nn.init.zeros_(self.fuse[-1].weight)  # the fusion starts as the identity: deep token + 0
+            nn.init.zeros_(self.fuse[-1].bias)
         self.head = IncrementalClassifier(dim, initial_out_features=1)
 
         self.dec_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.dec_pos = nn.Parameter(torch.randn(1, self.num_patches + 1, decoder_dim) * 0.02)
-        self.dec_blocks = _blocks(decoder_dim, decoder_depth, max(1, decoder_dim // 32), mlp_ratio)
+        dec_heads = heads if decoder_dim % heads == 0 else 1
+        self.dec_blocks = _blocks(decoder_dim, decoder_depth, dec_heads, mlp_ratio)
         self.dec_norm = nn.LayerNorm(decoder_dim)
         self.dec_pred = nn.Linear(decoder_dim, self.patch_dim)
 
@@ -110,7 +121,7 @@ class MaskedViT(nn.Module):
         for i, block in enumerate(self.blocks, 1):
             t = block(t)
             if i == self.shallow_block and self.bilateral:
-                shallow = self.shallow_norm(t)
+                shallow = self.shallow_expand(t[..., : self.shallow_width].detach())
         return self.norm(t), shallow
 
     def _features(self, deep: Tensor, shallow: Tensor | None) -> Tensor:
@@ -137,17 +148,16 @@ class MaskedViT(nn.Module):
             full = block(full)
         return self.dec_pred(self.dec_norm(full[:, 1:]))
 
-    def reconstruct(self, patches: Tensor, positions: Tensor) -> dict[str, Tensor]:
+    def reconstruct(self, patches: Tensor, positions: Tensor, detail: bool = True) -> dict[str, Tensor]:
         """Full images from the visible `patches` at `positions`.
 
         Returns "image" (the reconstruction), "deep" (the deep decoder's image) and, with
-        the bilateral part, "detail" (the high-passed shallow image added to it), plus the
-        encoder's "features" of the visible patches.
+        the bilateral part and `detail`, "detail" (the high-passed shallow image added to it).
         """
         deep, shallow = self.encode(patches, positions)
         image = unpatchify(self._decode(deep, positions), self.patch, self.channels)
-        out = {"deep": image, "features": self._features(deep, shallow)}
-        if self.bilateral:
+        out = {"deep": image}
+        if self.bilateral and detail:
             shallow_image = unpatchify(self._decode(shallow, positions), self.patch, self.channels)
             out["detail"] = high_pass(shallow_image, self.high_pass_radius)
             image = image + out["detail"]
@@ -165,20 +175,35 @@ class MaskedViT(nn.Module):
 
 
 def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None,
-               view: bool = True) -> dict[str, Tensor]:
-    """MAE reconstruction loss (pixel MSE on the masked patches), the detail loss (L1
-    between the high-passed shallow image and the high-passed target) of a batch, and
-    "view": the batch as replayed exemplars would look (no gradient)."""
+               view: bool = True, recon_loss: str = "mse") -> dict[str, Tensor]:
+    """The losses of a batch: "recon", pixel MSE (or L1) on the masked patches (0 when none is masked);
+    with the bilateral part "detail", L1 between the detail image and its target; and "view",
+    the batch as replayed exemplars would look (no gradient).
+
+    The detail target, as in the reference code: the high-passed difference between the deep
+    decoder's images from 9/16 and from `keep` of the patches, i.e. the detail that more
+    visible patches would add (here a fixed target, without gradient).
+    """
     target = patchify(images, model.patch)
-    positions = random_keep(len(images), model.num_patches, keep, generator, images.device)
-    visible = target.gather(1, positions.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    n = model.num_patches
+
+    def visible_at(positions):
+        return target.gather(1, positions.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+
+    positions = random_keep(len(images), n, keep, generator, images.device)
+    visible = visible_at(positions)
     out = model.reconstruct(visible, positions)
     masked = torch.ones(target.shape[:2], dtype=torch.bool, device=images.device)
     masked.scatter_(1, positions, False)
     pred = patchify(out["image"], model.patch)
-    losses = {"recon": F.mse_loss(pred[masked], target[masked])}
+    distance = F.l1_loss if recon_loss == "l1" else F.mse_loss
+    losses = {"recon": distance(pred[masked], target[masked]) if masked.any() else pred.sum() * 0}
     if model.bilateral:
-        losses["detail"] = F.l1_loss(out["detail"], high_pass(images, model.high_pass_radius))
+        with torch.no_grad():
+            more = random_keep(len(images), n, max(keep, round(n * 9 / 16)), generator, images.device)
+            richer = model.reconstruct(visible_at(more), more, detail=False)["deep"]
+            detail_target = high_pass(richer - out["deep"], model.high_pass_radius)
+        losses["detail"] = F.l1_loss(out["detail"], detail_target)
     # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
     if view:
         losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)

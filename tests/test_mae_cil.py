@@ -11,7 +11,7 @@ from harness.params import resolve_params
 from harness.protocol import get_protocol
 from harness.registry import METHODS, discover
 
-SMALL = dict(dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1)
+SMALL = dict(dim=32, depth=3, heads=2, decoder_depth=1)
 
 
 def make_method(*overrides):
@@ -90,18 +90,37 @@ def test_reconstruction_from_stored_patches_improves_as_the_mae_trains():
     assert after < 0.6 * before, (before, after)
 
 
-def test_a_step_on_the_detail_loss_trains_the_shallow_branch_only_through_its_path():
+def test_the_detail_loss_trains_the_shallow_branch_and_decoder_never_the_encoder():
     torch.manual_seed(0)
     model = MaskedViT(channels=1, image_size=28, patch=4, **SMALL)
     loss = mae_losses(model, doodles(4), keep=12)["detail"]
     loss.backward()
-    assert model.blocks[0].linear1.weight.grad.abs().sum() > 0  # the shallow block feeds the detail image
-    assert model.blocks[1].linear1.weight.grad is None  # deeper blocks do not
+    assert loss > 0
+    assert model.shallow_expand.weight.grad.abs().sum() > 0 and model.dec_pred.weight.grad.abs().sum() > 0
+    # The shallow tokens are detached (as the reference code): no block gets a gradient from it.
+    assert all(b.linear1.weight.grad is None for b in model.blocks)
+
+
+def test_the_shallow_branch_takes_a_detached_fifth_of_the_channels_of_its_block():
+    model = MaskedViT(channels=1, image_size=28, patch=4, **{**SMALL, "dim": 40, "heads": 2})
+    assert model.shallow_width == 8 and model.shallow_expand.in_features == 8
+    _, shallow = model.encode(patchify(doodles(2), 4))
+    assert shallow.shape == (2, 50, 40) and shallow.requires_grad  # through shallow_expand only
+
+
+def test_without_masking_exemplars_are_whole_images_and_the_reconstruction_loss_is_zero():
+    m = make_method(("mask_ratio", "0"))
+    images = doodles(3)
+    assert m.keep == 49
+    items = m.encode_exemplars(images, torch.Generator().manual_seed(0))
+    assert torch.allclose(m.rebuild(items), images, atol=1 / 255)  # all patches pasted back
+    losses = mae_losses(m.model, images, m.keep)
+    assert losses["recon"] == 0 and torch.isfinite(losses["detail"])
 
 
 def test_without_the_bilateral_part_there_is_no_shallow_branch():
     m = make_method(("bilateral", "false"))
-    assert not hasattr(m.model, "fuse") and not hasattr(m.model, "shallow_norm")
+    assert not hasattr(m.model, "fuse") and not hasattr(m.model, "shallow_expand")
     assert set(mae_losses(m.model, doodles(2), m.keep)) == {"recon", "view"}
     with_bilateral = make_method()
     assert with_bilateral.trainable_parameters() > m.trainable_parameters()
@@ -124,7 +143,8 @@ def test_replayed_samples_are_reconstructions_not_originals():
 def run_mae(out, *extra) -> dict:
     args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--epochs", "1",
             "--max-train-per-class", "16", "--quiet", "--device", "cpu", "--out", out,
-            *[a for k, v in SMALL.items() for a in ("--set", f"mae_cil.{k}={v}")], *extra]
+            *[a for k, v in SMALL.items() for a in ("--set", f"mae_cil.{k}={v}")], "--set", "mae_cil.warmup_epochs=0",
+            *extra]
     assert main([str(a) for a in args]) == 0
     summaries = list((out / "quickdraw20_2x10+maxtrain=16").glob("mae_cil*/seed0/summary.json"))
     assert len(summaries) == 1
@@ -174,7 +194,8 @@ def test_nme_means_come_from_rebuilt_exemplars_of_every_class():
     images = doodles(8, classes=(0, 1))
     for c in (0, 1):
         m.memory.add(c, m.encode_exemplars(images[8 * c: 8 * c + 8], torch.Generator().manual_seed(c)))
-    means = m._rebuilt_means()
+    features, labels = m._rebuilt_features()
+    means = class_means(features, labels, [0, 1])
     x, y = m.memory.tensors()
     with torch.no_grad():
         rebuilt = class_means(m.model.features(m.rebuild(x)), y, [0, 1])
@@ -194,3 +215,89 @@ def test_the_replay_view_keeps_the_visible_patches_and_carries_no_gradient():
     assert view.shape == images.shape and not view.requires_grad
     same = (patchify(view, 4) - patchify(images, 4)).abs().amax(2) < 1e-6  # (4, 49): kept patches are exact
     assert (same.sum(1) >= m.keep).all()
+
+
+def test_distillation_takes_the_share_of_old_classes_in_the_loss():
+    # The reference's weighting: loss = (1 - a) * (CE + MAE losses) + a * KD, a = old / seen.
+    from harness.distill import frozen_copy
+
+    m = make_method(("replay_view", "false"))
+    m.model.resize_head(4)
+    x, y = doodles(4, classes=(0, 1, 2, 3)), torch.arange(4).repeat_interleave(4)
+    m.is_training = True
+
+    def loss_with(teacher_classes, kd):
+        m.hp["kd"] = kd
+        m.old_model = None
+        teacher = None
+        if teacher_classes:
+            m.old_model = frozen_copy(m.model)
+            teacher = torch.randn(16, teacher_classes, generator=torch.Generator().manual_seed(1))
+        m.mbatch = [x, y, teacher, torch.zeros(16)] if teacher is not None else [x, y, torch.zeros(16)]
+        torch.manual_seed(0)  # the same MAE masks in every call
+        m.mb_output = m.model(x)
+        return m.criterion().item()
+
+    alone = loss_with(0, 1.0)
+    assert abs(loss_with(1, 0.0) - 0.75 * alone) < 1e-4  # 1 old class of 4: the rest weighs 3/4
+    assert abs(loss_with(3, 0.0) - 0.25 * alone) < 1e-4
+    assert loss_with(3, 1.0) > loss_with(3, 0.0)
+
+
+def test_balanced_fine_tuning_trains_the_classifier_alone_on_the_rebuilt_memory():
+    torch.manual_seed(0)
+    m = make_method(("balanced_epochs", "30"), ("balanced_lr", "0.01"))
+    images = doodles(8, classes=(0, 1))
+    for c in (0, 1):
+        m.memory.add(c, m.encode_exemplars(images[8 * c: 8 * c + 8], torch.Generator().manual_seed(c)))
+    m.model.resize_head(2)
+    m.model.head.active_units[:] = 1  # as training on the two classes leaves it
+    features, labels = m._rebuilt_features()
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    ce = lambda: torch.nn.functional.cross_entropy(m.model.head(features), labels).item()  # noqa: E731
+    start = ce()
+    m._balanced_finetuning(features, labels)
+    changed = {k for k, v in m.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("head.") for k in changed)
+    assert ce() < 0.9 * start
+
+
+def test_the_first_task_trains_init_epochs_and_later_ones_epochs(tmp_path, monkeypatch):
+    cls, epochs = type(make_method()), []
+    original = cls.train
+
+    def spy(self, experience, **kwargs):
+        epochs.append(self.train_epochs)
+        return original(self, experience, **kwargs)
+
+    monkeypatch.setattr(cls, "train", spy)
+    args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--max-train-per-class", "4",
+            "--quiet", "--device", "cpu", "--out", tmp_path, "--set", "mae_cil.init_epochs=2", "mae_cil.epochs=1",
+            *[f"mae_cil.{k}={v}" for k, v in SMALL.items()]]
+    assert main([str(a) for a in args]) == 0
+    assert epochs == [2, 1]
+
+
+def test_rebuilt_exemplars_keep_most_of_the_accuracy_of_the_real_images():
+    # The acceptance check of benchmarks/mae_rebuild_check.py at small scale: the first task of
+    # quickdraw20_2x10 (10 classes, 800 doodles), the default QuickDraw ViT (~50 s on 2 cores).
+    from harness.data import prepare
+    from harness.streams import build_benchmark
+    from methods.mae_cil import MIN_RATIO, rebuilt_vs_real
+
+    torch.manual_seed(0)
+    data = prepare(get_protocol("quickdraw20_2x10"), None, False, None)
+    first = next(iter(build_benchmark(data).train_stream))
+    discover()
+    cls, protocol = METHODS.get("mae_cil"), get_protocol("quickdraw20_2x10")
+    hp, _ = resolve_params(cls, protocol.family, [])
+    m = cls(context=MethodContext(protocol, data.class_names, torch.device("cpu"), 0, quiet=True), hp=hp)
+    m.learn(first)
+    seen = torch.as_tensor(sorted(first.classes_in_this_experience))
+    keep = torch.isin(torch.as_tensor(data.test.targets), seen)
+    images, labels = data.test.images[keep].float() / 255, torch.as_tensor(data.test.targets)[keep]
+    r = rebuilt_vs_real(m, images, labels)
+    assert r["acc_real"] > 25  # chance: 10%
+    assert r["ratio"] >= MIN_RATIO, r
+    # Rebuilt strokes are no rarer than real ones: the decoder draws, it does not only fill with grey.
+    assert r["grey_share"] >= 0.5 * r["grey_share_real"], r
