@@ -175,10 +175,11 @@ class MaskedViT(nn.Module):
 
 
 def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None,
-               view: bool = True, recon_loss: str = "mse") -> dict[str, Tensor]:
+               view: bool = True, recon_loss: str = "mse", targets: Tensor | None = None) -> dict[str, Tensor]:
     """The losses of a batch: "recon", pixel MSE (or L1) on the masked patches (0 when none is masked);
     with the bilateral part "detail", L1 between the detail image and its target; and "view",
-    the batch as replayed exemplars would look (no gradient).
+    the batch as replayed exemplars would look (no gradient). `targets` (a boolean row mask)
+    limits the reconstruction and detail losses to those rows (e.g. real images, not rebuilt ones).
 
     The detail target, as in the reference code: the high-passed difference between the deep
     decoder's images from 9/16 and from `keep` of the patches, i.e. the detail that more
@@ -195,6 +196,8 @@ def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Gen
     out = model.reconstruct(visible, positions)
     masked = torch.ones(target.shape[:2], dtype=torch.bool, device=images.device)
     masked.scatter_(1, positions, False)
+    rows = torch.ones(len(images), dtype=torch.bool, device=images.device) if targets is None else targets
+    masked &= rows[:, None]
     pred = patchify(out["image"], model.patch)
     distance = F.l1_loss if recon_loss == "l1" else F.mse_loss
     losses = {"recon": distance(pred[masked], target[masked]) if masked.any() else pred.sum() * 0}
@@ -203,7 +206,7 @@ def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Gen
             more = random_keep(len(images), n, max(keep, round(n * 9 / 16)), generator, images.device)
             richer = model.reconstruct(visible_at(more), more, detail=False)["deep"]
             detail_target = high_pass(richer - out["deep"], model.high_pass_radius)
-        losses["detail"] = F.l1_loss(out["detail"], detail_target)
+        losses["detail"] = F.l1_loss(out["detail"][rows], detail_target[rows]) if rows.any() else pred.sum() * 0
     # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
     if view:
         losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)

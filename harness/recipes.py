@@ -5,12 +5,8 @@ Methods start from these and change what their paper changes (see each method fi
 
 # 28x28 grey images (doodles, clothes). Chosen on quickdraw40_4x10's 40 classes trained at
 # once (the joint bound), never on the reported quickdraw100_10x10: benchmarks/recipe_search.py
-# prints the figures. Against Avalanche's QuickDraw peer recipe (2-conv `convnet`, SGD 0.01,
-# 10 epochs, constant lr, no augmentation: 52.7%), a cosine decay to ~0, crops shifted by up
-# to 2 px, flips and 30 epochs give that same net 73.9%; `convnet_bn` with BN and global
-# pooling reaches 75.6% with a ninth of the parameters, at the same speed (ResNet-32: 76.1%,
-# 6x slower; 50 epochs: 76.2%, 1.6x slower). The decayed lr also keeps batch-norm statistics
-# valid in eval mode.
+# prints the figures, the README's "training recipe" section holds them. The decayed lr also
+# keeps batch-norm statistics valid in eval mode.
 _SMALL_GREY = {"backbone": "convnet_bn", "lr": 0.1, "weight_decay": 5e-4, "batch_size": 64, "epochs": 30,
                "lr_schedule": "cosine", "augment": "crop_flip", "crop_padding": 2}
 

@@ -61,6 +61,8 @@ class MAECIL(RehearsalMethod):
         "init_epochs": Param(0, "epochs of the first task; 0 = epochs (later tasks replay the memory too, so an "
                              "epoch of theirs is longer)", low=0),
         "lr": Param(5e-4, "AdamW peak learning rate", low=0.0),
+        "incremental_lr": Param(0.0, "peak learning rate of the tasks after the first; 0 = lr (the reference's "
+                                "incremental_lr)", low=0.0),
         "weight_decay": Param(1e-6, "AdamW weight decay (the reference's)", low=0.0),
         "lr_schedule": Param("warmup_cosine", "per-task schedule: constant, cosine per epoch, or warm-up over "
                              "warmup_epochs then cosine to min_lr per iteration (the reference's)",
@@ -80,6 +82,8 @@ class MAECIL(RehearsalMethod):
                                low=1),
         "bilateral": Param(True, "shallow branch + FFT high-pass + token fusion + detail loss"),
         "recon": Param(1.0, "weight of the MAE reconstruction loss", low=0.0),
+        "recon_on_replay": Param(True, "reconstruction and detail losses on replayed (rebuilt) exemplars too; "
+                                 "false = on the task's real images only"),
         "recon_loss": Param("mse", "reconstruction loss on the masked pixels: MSE (the reference's; its optimum "
                             "is the mean, grey where a stroke is uncertain) or L1 (the median)", choices=("mse", "l1")),
         "detail": Param(0.02, "weight of the detail loss", low=0.0),
@@ -147,6 +151,9 @@ class MAECIL(RehearsalMethod):
         self.train_epochs = hp["init_epochs"] if self.old_model is None and hp["init_epochs"] else hp["epochs"]
         self._scheduler = None  # a new task starts its schedule (and its lr) over
         self.restart_optimizer()
+        if self.old_model is not None and hp["incremental_lr"]:
+            for group in self.optimizer.param_groups:
+                group["lr"] = hp["incremental_lr"]
         self.train(experience)
         self._update_memory(experience)
         features, labels = self._rebuilt_features()
@@ -233,7 +240,9 @@ class MAECIL(RehearsalMethod):
         teacher = self.teacher_logits()
         # The reference's weighting: the more classes are old, the more the loss is distillation.
         share = 0.0 if teacher is None else teacher.shape[1] / self.mb_output.shape[1]
-        aux = mae_losses(self.model, self.mb_x, self.keep, view=hp["replay_view"], recon_loss=hp["recon_loss"])
+        real = None if hp["recon_on_replay"] or teacher is None else self.mb_y >= teacher.shape[1]
+        aux = mae_losses(self.model, self.mb_x, self.keep, view=hp["replay_view"], recon_loss=hp["recon_loss"],
+                         targets=real)
         new = F.cross_entropy(self.mb_output, self.mb_y) + hp["recon"] * aux["recon"]
         if "detail" in aux:
             new = new + hp["detail"] * aux["detail"]

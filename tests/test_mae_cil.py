@@ -262,20 +262,30 @@ def test_balanced_fine_tuning_trains_the_classifier_alone_on_the_rebuilt_memory(
     assert ce() < 0.9 * start
 
 
-def test_the_first_task_trains_init_epochs_and_later_ones_epochs(tmp_path, monkeypatch):
-    cls, epochs = type(make_method()), []
-    original = cls.train
+def test_the_first_task_trains_init_epochs_at_lr_and_later_ones_epochs_at_incremental_lr(tmp_path, monkeypatch):
+    cls, epochs, peak = type(make_method()), [], []
+    original, step = cls.train, cls._after_training_iteration
 
     def spy(self, experience, **kwargs):
         epochs.append(self.train_epochs)
+        peak.append(0.0)
         return original(self, experience, **kwargs)
+
+    def spy_step(self, **kwargs):
+        peak[-1] = max(peak[-1], self.optimizer.param_groups[0]["lr"])
+        return step(self, **kwargs)
+
+    monkeypatch.setattr(cls, "_after_training_iteration", spy_step)
 
     monkeypatch.setattr(cls, "train", spy)
     args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--max-train-per-class", "4",
-            "--quiet", "--device", "cpu", "--out", tmp_path, "--set", "mae_cil.init_epochs=2", "mae_cil.epochs=1",
+            "--quiet", "--device", "cpu", "--out", tmp_path, "--set", "mae_cil.init_epochs=3", "mae_cil.epochs=2",
+            "mae_cil.lr=0.002", "mae_cil.incremental_lr=0.0005", "mae_cil.warmup_epochs=1",
             *[f"mae_cil.{k}={v}" for k, v in SMALL.items()]]
     assert main([str(a) for a in args]) == 0
-    assert epochs == [2, 1]
+    assert epochs == [3, 2]
+    # Warm-up then cosine: each task's lr peaks at its own peak value.
+    assert abs(peak[0] - 0.002) < 1e-9 and abs(peak[1] - 0.0005) < 1e-9
 
 
 def test_rebuilt_exemplars_keep_most_of_the_accuracy_of_the_real_images():
@@ -301,3 +311,15 @@ def test_rebuilt_exemplars_keep_most_of_the_accuracy_of_the_real_images():
     assert r["ratio"] >= MIN_RATIO, r
     # Rebuilt strokes are no rarer than real ones: the decoder draws, it does not only fill with grey.
     assert r["grey_share"] >= 0.5 * r["grey_share_real"], r
+
+
+def test_the_reconstruction_loss_can_be_limited_to_real_rows():
+    torch.manual_seed(0)
+    model = MaskedViT(channels=1, image_size=28, patch=4, **SMALL)
+    images = doodles(4)
+    rows = torch.tensor([True, True, False, False])
+    limited = mae_losses(model, images, 12, torch.Generator().manual_seed(3), targets=rows)
+    first_two = mae_losses(model, images[:2], 12, torch.Generator().manual_seed(3))
+    assert torch.allclose(limited["recon"], first_two["recon"])
+    none = mae_losses(model, images, 12, targets=torch.zeros(4, dtype=torch.bool))
+    assert none["recon"] == 0 and none["detail"] == 0 and none["view"].shape == images.shape
