@@ -25,6 +25,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
+from harness.alignment import warmup_cosine
 from harness.augment import AUGMENTATIONS, batch_augment
 from harness.backbones import IncrementalNet, backbone_names, create_backbone
 from harness.data import ImageTensorDataset
@@ -186,10 +187,28 @@ class CILMethod(SupervisedTemplate):
         kind = self.hp.get("augment", "protocol")
         return self.context.protocol.augment if kind == "protocol" else kind
 
+    # ---- a learning-rate schedule stepped every iteration, started anew every task -------
+    _iteration_schedule = None  # this task's, built at its first iteration
+
+    def warmup_cosine_per_task(self, warmup_steps: int, min_lr: float) -> None:
+        """Call before every training iteration (MiniGPT-4's and MAE-CIL's schedule): at the
+        task's first, the lr starts a linear warm-up over `warmup_steps` iterations, then a
+        cosine down to `min_lr` at the task's last iteration, stepped after each one.
+        `restart_optimizer` ends it, so the next task starts it over."""
+        if self._iteration_schedule is None:
+            total = self.train_epochs * len(self.dataloader)  # known once the task's loader exists
+            self._iteration_schedule = warmup_cosine(self.optimizer, total, warmup_steps, min_lr)
+
+    def _after_training_iteration(self, **kwargs):
+        super()._after_training_iteration(**kwargs)
+        if self._iteration_schedule is not None:
+            self._iteration_schedule.step()
+
     def restart_optimizer(self, weight_decay: float | None = None) -> None:
         """A fresh optimizer for a new task: no state (momentum, moments) from the last one, the
         settings' lr (and `weight_decay` where given), and no bookkeeping of an old scheduler, so
         a new one starts from this lr."""
+        self._iteration_schedule = None
         self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = self.hp["lr"]

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness.alignment import AlignmentSettings, aligned_projection, warmup_cosine
+from harness.alignment import AlignmentSettings, aligned_projection
 from harness.errors import HarnessError
 from harness.method import CILMethod, TensorBatches
 from harness.params import Param
@@ -111,7 +111,6 @@ class GMM(CILMethod):
         self.exemplars: dict[int, torch.Tensor] = {}  # class -> uint8 images
         self.stored_feats: dict[int, torch.Tensor] = {}  # class -> float16 encoder tokens
         self.feat_stats: dict[int, torch.Tensor] = {}  # class -> (2, N, D) float32 mean and std
-        self._scheduler = None  # lr_schedule=warmup_cosine: this task's, built at its first iteration
         super().__init__(context=context, hp=hp, plugins=plugins)
         self.cache_mode = self._cache_mode(hp["feature_cache"])
         self.cache = feature_cache(self.model.encoder_id, self.cache_mode == "disk") if self.cache_mode != "none" else None
@@ -157,20 +156,10 @@ class GMM(CILMethod):
                   {"params": [q for q in trainable if q.ndim < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hp["lr"])
 
-    def _warmup_cosine(self) -> torch.optim.lr_scheduler.LRScheduler:
-        """This task's schedule, per iteration: linear warm-up, then cosine down to min_lr."""
-        total = self.train_epochs * len(self.dataloader)
-        return warmup_cosine(self.optimizer, total, self.hp["warmup_steps"], self.hp["min_lr"])
-
     def _before_training_iteration(self, **kwargs):
-        if self.hp["lr_schedule"] == "warmup_cosine" and self._scheduler is None:
-            self._scheduler = self._warmup_cosine()  # the first iteration: the task's length is known now
+        if self.hp["lr_schedule"] == "warmup_cosine":
+            self.warmup_cosine_per_task(self.hp["warmup_steps"], self.hp["min_lr"])
         super()._before_training_iteration(**kwargs)
-
-    def _after_training_iteration(self, **kwargs):
-        super()._after_training_iteration(**kwargs)
-        if self._scheduler is not None:
-            self._scheduler.step()
 
     def make_optimizer(self, **kwargs):
         # Avalanche would add every model parameter (135M frozen ones included) to the
@@ -267,8 +256,7 @@ class GMM(CILMethod):
     def learn(self, experience) -> None:
         new = [int(c) for c in experience.classes_in_this_experience]
         self.n_seen = max(self.n_seen, max(new) + 1)
-        self._scheduler = None  # a new task starts its schedule (and its lr) over
-        self.restart_optimizer()
+        self.restart_optimizer()  # a new task starts its schedule (and its lr) over
         self.train(experience)
         self._update_memory(experience.dataset, new)
         if self.cache is not None:

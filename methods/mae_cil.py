@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.alignment import warmup_cosine
 from harness.distill import frozen_copy, softmax_kd
 from harness.errors import HarnessError
 from harness.mae import MaskedViT, mae_losses, patchify, random_keep
@@ -120,7 +119,6 @@ class MAECIL(RehearsalMethod):
         check_budget(self.memory, p.num_classes, self.item_bytes, "mae_cil")
         self.replayed: torch.Tensor | None = None  # uint8 reconstructions replayed in the current task
         self._rebuilt_memory: torch.Tensor | None = None  # float rebuild of the memory after the last task
-        self._scheduler = None  # lr_schedule=warmup_cosine: this task's, built at its first iteration
 
     # ---- model -----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -149,8 +147,7 @@ class MAECIL(RehearsalMethod):
     def learn(self, experience) -> None:
         hp = self.hp
         self.train_epochs = hp["init_epochs"] if self.old_model is None and hp["init_epochs"] else hp["epochs"]
-        self._scheduler = None  # a new task starts its schedule (and its lr) over
-        self.restart_optimizer()
+        self.restart_optimizer()  # a new task starts its schedule (and its lr) over
         if self.old_model is not None and hp["incremental_lr"]:
             for group in self.optimizer.param_groups:
                 group["lr"] = hp["incremental_lr"]
@@ -164,17 +161,9 @@ class MAECIL(RehearsalMethod):
         self.old_model = frozen_copy(self.model)
 
     def _before_training_iteration(self, **kwargs):
-        if self.hp["lr_schedule"] == "warmup_cosine" and self._scheduler is None:
-            # The first iteration: the task's length is known now.
-            steps = len(self.dataloader)
-            self._scheduler = warmup_cosine(self.optimizer, self.train_epochs * steps,
-                                            round(self.hp["warmup_epochs"] * steps), self.hp["min_lr"])
+        if self.hp["lr_schedule"] == "warmup_cosine":
+            self.warmup_cosine_per_task(round(self.hp["warmup_epochs"] * len(self.dataloader)), self.hp["min_lr"])
         super()._before_training_iteration(**kwargs)
-
-    def _after_training_iteration(self, **kwargs):
-        super()._after_training_iteration(**kwargs)
-        if self._scheduler is not None:
-            self._scheduler.step()
 
     @torch.no_grad()
     def _rebuilt_features(self) -> tuple[torch.Tensor, torch.Tensor]:
