@@ -63,8 +63,8 @@ class MAECIL(RehearsalMethod):
         "incremental_lr": Param(0.0, "peak learning rate of the tasks after the first; 0 = lr (the reference's "
                                 "incremental_lr)", low=0.0),
         "weight_decay": Param(1e-6, "AdamW weight decay (the reference's)", low=0.0),
-        "lr_schedule": Param("warmup_cosine", "per-task schedule: constant, cosine per epoch, or warm-up over "
-                             "warmup_epochs then cosine to min_lr per iteration (the reference's)",
+        "lr_schedule": Param("warmup_cosine", "per-task schedule, stepped per iteration: constant, cosine to "
+                             "min_lr, or warm-up over warmup_epochs then cosine to min_lr (the reference's)",
                              choices=("none", "cosine", "warmup_cosine")),
         "warmup_epochs": Param(1.0, "warmup_cosine: epochs of linear warm-up at the start of every task", low=0.0),
         "min_lr": Param(1e-5, "warmup_cosine: the lr at the end of every task", low=0.0),
@@ -141,7 +141,7 @@ class MAECIL(RehearsalMethod):
         return torch.optim.AdamW(model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
 
     def build_plugins(self, optimizer):
-        return [] if self.hp["lr_schedule"] == "warmup_cosine" else super().build_plugins(optimizer)
+        return []  # the schedule follows each task's own length (init_epochs, epochs): see below
 
     # ---- training ----------------------------------------------------------------------
     def learn(self, experience) -> None:
@@ -161,8 +161,10 @@ class MAECIL(RehearsalMethod):
         self.old_model = frozen_copy(self.model)
 
     def _before_training_iteration(self, **kwargs):
-        if self.hp["lr_schedule"] == "warmup_cosine":
-            self.warmup_cosine_per_task(round(self.hp["warmup_epochs"] * len(self.dataloader)), self.hp["min_lr"])
+        schedule = self.hp["lr_schedule"]
+        if schedule != "none":
+            warmup = self.hp["warmup_epochs"] if schedule == "warmup_cosine" else 0
+            self.warmup_cosine_per_task(round(warmup * len(self.dataloader)), self.hp["min_lr"])
         super()._before_training_iteration(**kwargs)
 
     @torch.no_grad()
