@@ -8,8 +8,9 @@ the same encoder as whole images.
 - encode(patches, positions): linear patch embedding + learned position embedding,
   a class token, pre-norm Transformer blocks (torch's TransformerEncoderLayer).
   Returns the deep tokens (last block) and the shallow tokens (block `shallow_block`).
-- features(x): the deep class token; with the bilateral part, an MLP of the deep and
-  shallow class tokens instead (the embedding-level fusion).
+- features(x): the deep class token; with the bilateral part, plus an MLP of the deep and
+  shallow class tokens (the embedding-level fusion; its last layer starts at zero, so it
+  starts as the identity; the reference code replaces the token by the MLP, see the README).
 - reconstruct(patches, positions): the decoder (one block of the encoder's width, as the
   reference code) fills the missing patches from the deep tokens; with the bilateral part,
   the shallow tokens go through the same decoder and their image, high-pass filtered with

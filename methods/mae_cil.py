@@ -299,7 +299,7 @@ def rebuilt_vs_real(method: MAECIL, test_images: torch.Tensor, test_labels: torc
     grey = lambda p: ((p >= 0.25) & (p <= 0.75))[filled].float().mean().item()  # noqa: E731
 
     def scores(fn, x):
-        return torch.cat([fn(xb) for xb in x.split(256)]).cpu()
+        return torch.cat([fn(xb) for xb in x.split(method.eval_mb_size)]).cpu()
 
     head = lambda x: method.model.eval()(x.to(method.device))  # noqa: E731
     with torch.no_grad():
