@@ -33,6 +33,7 @@ from harness.errors import HarnessError
 from harness.params import Param
 from harness.progress import EpochProgress
 from harness.protocol import Protocol
+from harness.state import AVALANCHE_ATTRIBUTES, capture_method, restore_method
 
 # Parameters most methods share; a method spreads the ones it uses into its `params`.
 TRAINING_PARAMS: dict[str, Param] = {
@@ -138,6 +139,9 @@ class CILMethod(SupervisedTemplate):
     params: ClassVar[dict[str, Param]] = TRAINING_PARAMS
     protocol_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     setting_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # {"key=value": recipe}, see harness.params
+    # Attributes not to checkpoint: caches and what is rebuilt from the settings or in on_resume
+    # (every other attribute is saved after each task, see harness.state)
+    transient: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, context: MethodContext, hp: dict[str, Any], plugins=()):
         self.context, self.hp = context, Settings(type(self).name, hp)
@@ -263,12 +267,28 @@ class CILMethod(SupervisedTemplate):
 
     # ---- checkpoints ------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": self.extra_state()}
+        return {"model": self.model_state(), "optimizer": self.optimizer.state_dict(),
+                "state": capture_method(self, self._not_state()), "extra": self.extra_state()}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights to checkpoint (GMM keeps only what trains)."""
+        return self.model.state_dict()
+
+    def _not_state(self) -> set[str]:
+        """Attribute names the automatic checkpoint leaves out."""
+        return {*AVALANCHE_ATTRIBUTES, "context", "hp", "_iteration_schedule", *self.transient}
 
     def restore(self, state: dict[str, Any], past_experiences: list) -> None:
-        """Return to the state saved after training `past_experiences` (a resumed run).
+        """Return to the state saved after training `past_experiences` (a resumed run): the
+        model and optimizer, then every other attribute (harness.state), then what the method
+        rebuilds itself (on_resume) or saved itself (extra_state)."""
+        self.restore_model(state, past_experiences)
+        restore_method(self, state["state"])
+        self.on_resume(past_experiences)
+        self.load_extra_state(state["extra"])
 
-        Model growth and Avalanche's optimizer bookkeeping are replayed the way
+    def restore_model(self, state: dict[str, Any], past_experiences: list) -> None:
+        """Model growth and Avalanche's optimizer bookkeeping are replayed the way
         training did them (one optimizer update before any adaptation, one after),
         so parameters sit in the same optimizer slots; then the saved values load.
         """
@@ -280,14 +300,13 @@ class CILMethod(SupervisedTemplate):
         self.make_optimizer(reset_optimizer_state=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.on_resume(past_experiences)
-        self.load_extra_state(state["extra"])
 
     def on_resume(self, past_experiences: list) -> None:
         """Rebuild state that is derived from past data rather than saved (see methods/joint.py)."""
 
     def extra_state(self) -> dict[str, Any]:
-        """Method state to checkpoint after a task (exemplars, old model, class means...).
+        """State the automatic checkpoint cannot take (harness.state saves the method's and its
+        plugins' attributes by itself): list those attributes in `transient`, return them here.
 
         Tensors, numbers, strings and lists/dicts of them only: checkpoints are read
         back with torch.load(weights_only=True).

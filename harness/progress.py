@@ -10,6 +10,8 @@ from tqdm.auto import tqdm
 class EpochProgress(SupervisedPlugin):
     """A transient bar over the mini-batches of each epoch, showing the running loss."""
 
+    transient = ("bar",)  # not checkpointed (harness.state)
+
     def __init__(self, disable: bool = False):
         super().__init__()
         self.disable = disable

@@ -3,16 +3,13 @@
 `RehearsalMethod` keeps an `ExemplarMemory` (`self.memory`, built by the subclass), the
 class means (`self.means`: unit rows; None = predict with the model's head) and the
 frozen previous model (`self.old_model`); it predicts by the nearest mean when there are
-means, reports the memory, and checkpoints all three.
+means and reports the memory (the harness checkpoints all three, see harness.state).
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
-from harness.distill import frozen_from_state
 from harness.memory import ExemplarMemory, nme_scores
 from harness.method import CILMethod
 
@@ -38,14 +35,3 @@ class RehearsalMethod(CILMethod):
 
     def memory_usage(self) -> tuple[int, int]:
         return len(self.memory), self.memory.nbytes
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "class_means": self.means,
-                "old_model": None if self.old_model is None else self.old_model.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state["memory"])
-        self.means = None if state["class_means"] is None else state["class_means"].to(self.device)
-        self.old_model = None
-        if state["old_model"] is not None:
-            self.old_model = frozen_from_state(self.build_model(), state["old_model"]).to(self.device)

@@ -102,6 +102,8 @@ class GMM(CILMethod):
     # 28-px doodles upscaled to 112 px give EfficientNet a 4x4 map (pooled to the visual
     # tokens) at a quarter of 224 px's encoder cost.
     protocol_defaults = {"quickdraw": {"image_size": 112}}
+    # Built from the settings, or caches: not checkpointed (harness.state saves the rest)
+    transient = ("cache", "cache_mode", "alignment", "lm_dtype", "answers", "class_embeddings", "_current")
     # The paper's own recipe (docs/methods.md) for a LLaVA stack, whose projector is already aligned.
     setting_defaults = {"model=hf_llava": {"lr": 3e-6, "min_lr": 1e-6, "warmup_steps": 200, "epochs": 5,
                                            "batch_size": 2}}
@@ -318,24 +320,15 @@ class GMM(CILMethod):
         tensors = [*self.exemplars.values(), *self.stored_feats.values(), *self.feat_stats.values()]
         return count, sum(t.numel() * t.element_size() for t in tensors)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def model_state(self) -> dict[str, torch.Tensor]:
         # Only what trains (projection, LoRA): the frozen encoder and LM (~560 MB) come
         # back from the installed packages, so each task's checkpoint stays a few MB.
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"model": trainable, "optimizer": self.optimizer.state_dict(), "extra": self.extra_state()}
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def restore(self, state: dict[str, Any], past_experiences: list) -> None:
+    def restore_model(self, state: dict[str, Any], past_experiences: list) -> None:
         self.model.to(self.device)
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or set(state["model"]) != {n for n, p in self.model.named_parameters() if p.requires_grad}:
             raise RuntimeError(f"GMM checkpoint does not match this model's trainable parameters: {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.load_extra_state(state["extra"])
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"n_seen": self.n_seen, "exemplars": self.exemplars, "stored_feats": self.stored_feats,
-                "feat_stats": self.feat_stats}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.n_seen = state["n_seen"]
-        self.exemplars, self.stored_feats, self.feat_stats = state["exemplars"], state["stored_feats"], state["feat_stats"]

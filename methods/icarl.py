@@ -73,6 +73,7 @@ class ICaRL(RehearsalMethod):
                             "(Avalanche's ICaRL)", choices=("sum", "mean")),
     }
     protocol_defaults = RECIPES
+    transient = ("milestones", "scheduler")  # from the settings; a new scheduler starts every task
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

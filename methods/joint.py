@@ -11,6 +11,7 @@ class Joint(CILMethod):
     description = "train on all data seen so far (upper bound)"
     params = dict(TRAINING_PARAMS)
     protocol_defaults = SUPERVISED_RECIPES
+    transient = ("seen_data",)  # the past experiences' datasets: rebuilt in on_resume, not checkpointed
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

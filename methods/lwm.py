@@ -12,13 +12,12 @@ with the new data; CE then covers all seen classes, since replayed samples carry
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.distill import frozen_copy, frozen_from_state, softmax_kd
+from harness.distill import frozen_copy, softmax_kd
 from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.memory import ExemplarMemory, check_budget, to_uint8
 from harness.method import TRAINING_PARAMS, CILMethod, materialise, with_replay
@@ -114,13 +113,3 @@ class LwM(CILMethod):
     def memory_usage(self) -> tuple[int, int]:
         return len(self.memory), self.memory.nbytes
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"n_old": self.n_old, "memory": self.memory.state_dict(),
-                "old_model": None if self.old_model is None else self.old_model.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.n_old = int(state["n_old"])
-        self.memory.load_state_dict(state["memory"])
-        self.old_model = None
-        if state["old_model"] is not None:
-            self.old_model = frozen_from_state(self.build_model(), state["old_model"]).to(self.device)

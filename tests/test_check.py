@@ -25,9 +25,10 @@ from harness.registry import register_method
 
 @register_method("forgetful_mean")
 class ForgetfulMean(CILMethod):
-    """Class means of raw pixels, kept in an attribute it never checkpoints."""
+    """Class means of raw pixels, kept in an attribute it declares transient (wrongly)."""
     description = "nearest class mean of raw pixels, state not saved"
     params = dict(TRAINING_PARAMS)
+    transient = ("means",)
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -54,9 +55,63 @@ def test_a_method_that_does_not_checkpoint_its_state_fails(tmp_path, capsys):
     assert main(["--plugins", str(plugin), "check", "forgetful_mean"]) == 1
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if "resumed" in row)
-    assert line.startswith("  FAIL  killed after task 1, resumed: same matrix: straight [[")
-    assert "extra_state" in line
+    assert line.startswith("  FAIL  killed after task 1, resumed: same matrix and scores: straight [[")
+    assert "transient" in line
     assert out.count("  ok    ") == 4  # the rest holds
+
+
+def test_the_same_method_keeps_its_attribute_without_code_for_it(tmp_path, capsys):
+    plugin = tmp_path / "mean.py"
+    plugin.write_text(FORGETFUL.replace('    transient = ("means",)\n', "").replace("forgetful_mean", "kept_mean"))
+    assert main(["--plugins", str(plugin), "check", "kept_mean"]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.count("  ok    ") == 5
+
+
+# LwF as a README reader writes it: Avalanche's own plugin, nothing about checkpoints.
+LWF = '''
+from avalanche.training.plugins import LwFPlugin
+from harness.method import TRAINING_PARAMS, CILMethod
+from harness.params import Param
+from harness.recipes import SUPERVISED_RECIPES
+from harness.registry import register_method
+
+class Distiller(LwFPlugin):
+    transient = TRANSIENT
+
+@register_method("lwf_plugin")
+class LwF(CILMethod):
+    description = "Learning without Forgetting through Avalanche's LwFPlugin"
+    params = {**TRAINING_PARAMS, "alpha": Param(5.0, "distillation weight", low=0.0)}
+    protocol_defaults = SUPERVISED_RECIPES
+
+    def build_plugins(self, optimizer):
+        return [*super().build_plugins(optimizer), Distiller(alpha=self.hp["alpha"], temperature=2)]
+'''
+
+
+def test_a_method_built_on_an_avalanche_plugin_resumes_with_the_plugins_state(tmp_path, capsys):
+    plugin = tmp_path / "lwf.py"
+    plugin.write_text(LWF.replace("TRANSIENT", "()"))
+    assert main(["--plugins", str(plugin), "check", "lwf_plugin"]) == 0, capsys.readouterr().out
+    # the plugin's teacher (prev_model) and its classes really are what the resumed run continues from
+    forgetful = tmp_path / "lwf_forgetful.py"
+    forgetful.write_text(LWF.replace("TRANSIENT", '("lwf",)').replace("lwf_plugin", "lwf_forgetful"))
+    capsys.readouterr()
+    assert main(["--plugins", str(forgetful), "check", "lwf_forgetful"]) == 1
+    assert "  FAIL  killed after task 1, resumed: same matrix" in capsys.readouterr().out
+
+
+UNSAVEABLE = FORGETFUL.replace('    transient = ("means",)\n', "").replace(
+    "self.means = {}", "self.means = {}\n        self.batches = iter(range(3))").replace("forgetful_mean", "unsaveable")
+
+
+def test_state_a_checkpoint_cannot_hold_is_refused_in_one_line(tmp_path, capsys):
+    plugin = tmp_path / "unsaveable.py"
+    plugin.write_text(UNSAVEABLE)
+    assert main(["--plugins", str(plugin), "check", "unsaveable"]) == 1
+    line = next(row for row in capsys.readouterr().out.splitlines() if "runs end to end" in row)
+    assert line.startswith("  FAIL  runs end to end: UnsaveableState: unsaveable.batches is a ")
+    assert "list 'batches' in the class's `transient`" in line
 
 
 def test_check_refuses_a_bad_setting_in_one_line(capsys):
