@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from harness import threads
+from harness.memory import ExemplarMemory
 from harness.registry import METHODS
 from harness.runner import RunSpec, execute, plan_label
 
@@ -75,11 +76,13 @@ class _FinalScores:
 
     def __init__(self):
         self.learned, self.by_task = 0, {}
+        self.memory = None  # the method's ExemplarMemory, if it keeps one: its budget is checked
 
     def learn(self, learn):
         def counting(method, experience):
             out = learn(method, experience)
             self.learned += 1
+            self.memory = getattr(method, "memory", None)
             return out
         return counting
 
@@ -105,8 +108,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _budget(hp: dict, num_classes: int) -> tuple[str, int, int] | None:
-    """(what, limit, index into (exemplars, bytes)) declared by the method's settings, if any."""
+def _budget(hp: dict, num_classes: int, memory) -> tuple[str, int, int] | None:
+    """(what, limit, index into (exemplars, bytes)): the budget of the method's ExemplarMemory,
+    else the one its settings declare, if any."""
+    if isinstance(memory, ExemplarMemory):
+        if memory.max_bytes is not None:
+            return "bytes", memory.max_bytes, 1
+        if memory.max_items is not None:
+            return "exemplars", memory.max_items, 0
+        return "exemplars", memory.per_class * num_classes, 0
     if hp.get("memory_bytes", 0) > 0:
         return "bytes", hp["memory_bytes"], 1
     if hp.get("memory_per_class", 0) > 0:
@@ -163,7 +173,7 @@ def check_method(method: str, protocol: str = "quickdraw20_2x10", overrides: Seq
             except Exception as exc:
                 checks.append(Check(name, False, f"resuming failed: {_one_line(exc)}"))
 
-        budget = _budget(hp, sum(straight["classes_per_task"]))
+        budget = _budget(hp, sum(straight["classes_per_task"]), straight_scores.memory)
         used = (straight["memory_exemplars"], straight["memory_bytes"])
         if budget is None:
             checks.append(Check("memory within its budget", True, f"no budget declared; {used[0]} exemplars kept"))

@@ -21,7 +21,7 @@ with ceil(memory / classes), which overshoots the budget (30 classes: 67 x 30 = 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +82,9 @@ class ExemplarMemory:
     or a fixed number per class (`per_class`: the total grows with the classes, PyCIL's
     `fixed_memory`).
 
-    Usage after training on new classes:
+    Usage after training on new classes (herding where features are given, else random):
 
-        quota = memory.make_room(n_new_classes, item_bytes)   # shrinks the old classes
-        for c in new_classes:
-            memory.add(c, images_of_c[herding(features_of_c, quota)])
+        memory.update(images, labels, new_classes, seed, features=features)
     """
 
     def __init__(self, max_items: int | None = None, max_bytes: int | None = None, per_class: int | None = None):
@@ -110,6 +108,24 @@ class ExemplarMemory:
         for c in self.items:
             self.items[c] = self.items[c][:q]
         return q
+
+    def update(self, images: Tensor, labels: Tensor, classes: Iterable[int], seed: int, *,
+               features: Tensor | None = None, encode: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+               item_bytes: int | None = None) -> None:
+        """After a task: cut the stored classes to the new share, then keep each new class's
+        share of `images`, best first: by herding on `features` where given, else in a random
+        order drawn from `class_generator(seed, class)`. `encode(chosen, generator)` turns the
+        chosen images into what is stored (MAE-CIL's patches); `item_bytes` is then the size
+        of one stored item (by default one image's)."""
+        classes = sorted(int(c) for c in classes)
+        quota = self.make_room(len(classes), item_bytes or _nbytes(images[0]))
+        for c in classes:
+            idx = (labels == c).nonzero().squeeze(1)
+            g = class_generator(seed, c)
+            order = herding(features[idx], quota) if features is not None else \
+                torch.randperm(len(idx), generator=g)[:quota]
+            chosen = images[idx[order]]
+            self.add(c, encode(chosen, g) if encode is not None else chosen)
 
     def add(self, label: int, items: Tensor) -> None:
         if label in self.items:
@@ -150,6 +166,12 @@ class ExemplarMemory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.items = {int(c): t for c, t in state["items"].items()}
+
+
+def class_generator(seed: int, label: int) -> torch.Generator:
+    """The random source of one class's exemplars: the run's seed and the class, nothing else
+    (not the global RNG, which training moves differently in a resumed run)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + label)
 
 
 def _nbytes(t: Tensor) -> int:

@@ -1,9 +1,13 @@
-"""What rehearsal methods with a teacher and a nearest-mean classifier share (iCaRL, MAE-CIL).
+"""Building blocks of rehearsal methods, one concern each, to mix into a `CILMethod`:
 
-`RehearsalMethod` keeps an `ExemplarMemory` (`self.memory`, built by the subclass), the
-class means (`self.means`: unit rows; None = predict with the model's head) and the
-frozen previous model (`self.old_model`); it predicts by the nearest mean when there are
-means and reports the memory (the harness checkpoints all three, see harness.state).
+- `ExemplarReplay`: an `ExemplarMemory` (`self.memory`) whose images join every task's
+  training data, and the memory the harness reports (LwM, iCaRL, MAE-CIL, GMM);
+- `NearestMeanClassifier`: prediction by the nearest class mean of the features
+  (`self.means`: unit rows; None = predict with the model's head);
+- `RehearsalMethod`: both, and a frozen previous model (`self.old_model`) whose logits are
+  computed once per task (iCaRL, MAE-CIL).
+
+The harness checkpoints the memory, the means and the teacher as the method's attributes.
 """
 from __future__ import annotations
 
@@ -11,20 +15,29 @@ import torch
 from torch import nn
 
 from harness.memory import ExemplarMemory, nme_scores
-from harness.method import CILMethod
+from harness.method import CILMethod, with_replay
 
 
-class RehearsalMethod(CILMethod):
-    memory: ExemplarMemory
+class ExemplarReplay(CILMethod):
+    memory: ExemplarMemory  # built by the subclass, with its budget
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.old_model: nn.Module | None = None
-        self.means: torch.Tensor | None = None  # (classes seen, d), unit rows
+    def replay_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) replayed beside the new task's data: the memory as stored
+        (MAE-CIL replays its exemplars rebuilt)."""
+        return self.memory.tensors()
 
-    def make_train_dataloader(self, **kwargs):
-        super().make_train_dataloader(**kwargs)
-        self.precompute_teacher_logits()
+    def train_dataset_adaptation(self, **kwargs):
+        super().train_dataset_adaptation(**kwargs)
+        if len(self.memory):
+            x, y = self.replay_images()
+            self.adapted_dataset = with_replay(self.adapted_dataset, x, y)
+
+    def memory_usage(self) -> tuple[int, int]:
+        return len(self.memory), self.memory.nbytes
+
+
+class NearestMeanClassifier(CILMethod):
+    means: torch.Tensor | None = None  # (classes seen, d), unit rows
 
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,5 +46,13 @@ class RehearsalMethod(CILMethod):
         self.model.eval()
         return nme_scores(self.model.features(x.to(self.device)), self.means)
 
-    def memory_usage(self) -> tuple[int, int]:
-        return len(self.memory), self.memory.nbytes
+
+class RehearsalMethod(ExemplarReplay, NearestMeanClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.old_model: nn.Module | None = None
+        self.means = None
+
+    def make_train_dataloader(self, **kwargs):
+        super().make_train_dataloader(**kwargs)
+        self.precompute_teacher_logits()

@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 
 from harness.alignment import AlignmentSettings, aligned_projection
 from harness.errors import HarnessError
-from harness.method import CILMethod, TensorBatches
+from harness.memory import ExemplarMemory, check_budget, to_uint8
+from harness.method import TensorBatches, materialise
 from harness.params import Param
 from harness.registry import register_method
+from harness.rehearsal import ExemplarReplay
 from harness.vlm import (answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_encoder_by_name,
                          text_scores)
 
@@ -50,7 +52,7 @@ BUNDLED_ALIGNMENTS = Path(__file__).resolve().parent / "data"  # prebuilt stage-
 
 
 @register_method("gmm")
-class GMM(CILMethod):
+class GMM(ExemplarReplay):
     description = "generative multimodal model: a VLM writes the class name, f_text maps it to a class"
     params = {
         # The paper's recipe in form (AdamW, wd 0.05 but none on biases, per-iteration warm-up then
@@ -110,7 +112,9 @@ class GMM(CILMethod):
 
     def __init__(self, *, context, hp, plugins=()):
         self.n_seen = 0
-        self.exemplars: dict[int, torch.Tensor] = {}  # class -> uint8 images
+        self.memory = ExemplarMemory(max_items=hp["memory"])  # class-balanced random uint8 images
+        if hp["memory"]:
+            check_budget(self.memory, context.protocol.num_classes, 1, "gmm")
         self.stored_feats: dict[int, torch.Tensor] = {}  # class -> float16 encoder tokens
         self.feat_stats: dict[int, torch.Tensor] = {}  # class -> (2, N, D) float32 mean and std
         super().__init__(context=context, hp=hp, plugins=plugins)
@@ -231,10 +235,7 @@ class GMM(CILMethod):
         self.dataloader = TensorBatches(x, y, self.train_mb_size, shuffle=True, lengths=(self.answers[y] >= 0).sum(1))
 
     def _replay_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for c, imgs in self.exemplars.items():
-            xs.append(self.features(imgs.float() / 255))
-            ys.append(torch.full((len(imgs),), c))
+        xs, ys = [], []  # exemplar images are in the training data already (ExemplarReplay)
         for c, f in self.stored_feats.items():
             xs.append(f)
             ys.append(torch.full((len(f),), c))
@@ -277,17 +278,9 @@ class GMM(CILMethod):
                 else:
                     f = fc.float()
                     self.feat_stats[c] = torch.stack([f.mean(0), f.std(0, unbiased=len(f) > 1)])
-        if hp["memory"]:
-            targets = torch.as_tensor(list(dataset.targets))
-            per_class = hp["memory"] // self.n_seen
-            for c in list(self.exemplars):  # old classes shrink to the new share (a prefix stays random)
-                self.exemplars[c] = self.exemplars[c][:per_class]
-            for c in new:
-                idx = (targets == c).nonzero().flatten()
-                g = torch.Generator().manual_seed(self.context.seed * 100003 + c)
-                idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
-                imgs = torch.stack([dataset[int(i)][0] for i in idx]) if len(idx) else torch.empty(0)
-                self.exemplars[c] = (imgs * 255).round().to(torch.uint8)
+        if hp["memory"]:  # old classes shrink to the new share (a prefix stays random)
+            images, labels = materialise(dataset)
+            self.memory.update(to_uint8(images), labels, new, self.context.seed)
         self._current = None
 
     # ---- prediction ------------------------------------------------------------------
@@ -316,9 +309,9 @@ class GMM(CILMethod):
     # ---- memory and checkpoints ------------------------------------------------------
     def memory_usage(self) -> tuple[int, int]:
         """(stored items: exemplar images + feature vectors, bytes they take)."""
-        count = sum(len(v) for v in self.exemplars.values()) + sum(len(v) for v in self.stored_feats.values())
-        tensors = [*self.exemplars.values(), *self.stored_feats.values(), *self.feat_stats.values()]
-        return count, sum(t.numel() * t.element_size() for t in tensors)
+        count = len(self.memory) + sum(len(v) for v in self.stored_feats.values())
+        tensors = [*self.stored_feats.values(), *self.feat_stats.values()]
+        return count, self.memory.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         # Only what trains (projection, LoRA): the frozen encoder and LM (~560 MB) come

@@ -20,8 +20,8 @@ import torch
 
 from harness.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
 from harness.errors import HarnessError
-from harness.memory import ExemplarMemory, check_budget, class_means, herding, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, materialise, with_replay
+from harness.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
+from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -116,12 +116,6 @@ class ICaRL(RehearsalMethod):
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def train_dataset_adaptation(self, **kwargs):
-        super().train_dataset_adaptation(**kwargs)
-        if len(self.memory):
-            x, y = self.memory.tensors()
-            self.adapted_dataset = with_replay(self.adapted_dataset, x, y)
-
     def criterion(self):
         if not self.is_training:
             return super().criterion()
@@ -150,11 +144,8 @@ class ICaRL(RehearsalMethod):
         # the memory stores uint8 images.
         images, labels = materialise(experience.dataset.eval(), self.eval_mb_size)
         images = to_uint8(images)
-        features = self._features(images)
-        quota = self.memory.make_room(len(experience.classes_in_this_experience), images[0].numel())
-        for c in sorted(experience.classes_in_this_experience):
-            idx = (labels == c).nonzero().squeeze(1)
-            self.memory.add(c, images[idx[herding(features[idx], quota)]])
+        self.memory.update(images, labels, experience.classes_in_this_experience, self.context.seed,
+                           features=self._features(images))
 
     def _exemplar_means(self) -> torch.Tensor:
         x, y = self.memory.tensors()

@@ -20,14 +20,15 @@ from torch import nn
 from harness.distill import frozen_copy, softmax_kd
 from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.memory import ExemplarMemory, check_budget, to_uint8
-from harness.method import TRAINING_PARAMS, CILMethod, materialise, with_replay
+from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
+from harness.rehearsal import ExemplarReplay
 
 
 @register_method("lwm")
-class LwM(CILMethod):
+class LwM(ExemplarReplay):
     description = "Learning without Memorizing: KD + Grad-CAM attention distillation, exemplar-free (Dhar et al. 2019)"
     params = {
         **TRAINING_PARAMS,
@@ -64,20 +65,7 @@ class LwM(CILMethod):
         # One pass over the new data (it must not move the global RNG: resumed runs replay it);
         # the memory stores uint8 images.
         images, labels = materialise(experience.dataset.eval(), self.eval_mb_size)
-        images = to_uint8(images)
-        classes = sorted(experience.classes_in_this_experience)
-        quota = self.memory.make_room(len(classes), images[0].numel())
-        # Own generator: the choice depends on the seed and task only, not on training's RNG use.
-        g = torch.Generator().manual_seed(self.context.seed * 1_000_003 + classes[0])
-        for c in classes:
-            idx = (labels == c).nonzero().squeeze(1)
-            self.memory.add(c, images[idx[torch.randperm(len(idx), generator=g)[:quota]]])
-
-    def train_dataset_adaptation(self, **kwargs):
-        super().train_dataset_adaptation(**kwargs)
-        if len(self.memory):
-            x, y = self.memory.tensors()
-            self.adapted_dataset = with_replay(self.adapted_dataset, x, y)
+        self.memory.update(to_uint8(images), labels, experience.classes_in_this_experience, self.context.seed)
 
     def _cam_layer(self, model: nn.Module) -> nn.Module:
         if self._layer_name is None:
@@ -108,8 +96,3 @@ class LwM(CILMethod):
         kd = softmax_kd(logits, old_logits.detach(), self.hp["temperature"], t_squared=self.hp["t_squared"])
         ad = attention_distance(cams, old_cams.detach())
         return ce + self.hp["beta"] * kd + self.hp["gamma"] * ad
-
-    # ---- harness contract -----------------------------------------------------------
-    def memory_usage(self) -> tuple[int, int]:
-        return len(self.memory), self.memory.nbytes
-

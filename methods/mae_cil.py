@@ -40,8 +40,8 @@ from torch import nn
 from harness.distill import frozen_copy, softmax_kd
 from harness.errors import HarnessError
 from harness.mae import MaskedViT, mae_losses, patchify, random_keep
-from harness.memory import ExemplarMemory, check_budget, class_means, herding, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, materialise, with_replay
+from harness.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
+from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.registry import register_method
 from harness.rehearsal import RehearsalMethod
@@ -198,15 +198,16 @@ class MAECIL(RehearsalMethod):
                     opt.step()
 
     def train_dataset_adaptation(self, **kwargs):
-        super().train_dataset_adaptation(**kwargs)
         self.replayed = None
-        if len(self.memory):
-            x, y = self.memory.tensors()
-            # Rebuilt when the class means were taken (same model, same memory) or now (resumed run).
-            rebuilt = self._rebuilt_memory if self._rebuilt_memory is not None else self.rebuild(x)
-            self._rebuilt_memory = None
-            self.replayed = to_uint8(rebuilt)  # quantised like the stream's images
-            self.adapted_dataset = with_replay(self.adapted_dataset, self.replayed, y)
+        super().train_dataset_adaptation(**kwargs)
+
+    def replay_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.memory.tensors()
+        # Rebuilt when the class means were taken (same model, same memory) or now (resumed run).
+        rebuilt = self._rebuilt_memory if self._rebuilt_memory is not None else self.rebuild(x)
+        self._rebuilt_memory = None
+        self.replayed = to_uint8(rebuilt)  # quantised like the stream's images
+        return self.replayed, y
 
     @torch.no_grad()
     def rebuild(self, items: torch.Tensor) -> torch.Tensor:
@@ -258,13 +259,8 @@ class MAECIL(RehearsalMethod):
         images, labels = materialise(experience.dataset.eval(), self.eval_mb_size)
         self.model.eval()
         features = torch.cat([self.model.features(xb.to(self.device)).cpu() for xb in images.split(self.eval_mb_size)])
-        classes = sorted(experience.classes_in_this_experience)
-        quota = self.memory.make_room(len(classes), self.item_bytes)
-        for c in classes:
-            idx = (labels == c).nonzero().squeeze(1)
-            chosen = images[idx[herding(features[idx], quota)]]
-            g = torch.Generator().manual_seed(self.context.seed * 1_000_003 + c)
-            self.memory.add(c, self.encode_exemplars(chosen, g))
+        self.memory.update(images, labels, experience.classes_in_this_experience, self.context.seed,
+                           features=features, encode=self.encode_exemplars, item_bytes=self.item_bytes)
 
     def encode_exemplars(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 (n, kept patches, 1 + P*P*C): a random 25% of each image's patches, position first."""

@@ -159,7 +159,7 @@ def test_replay_keeps_its_memory_budget(overrides, replayed, count, nbytes, tmp_
     assert sizes == [60, 60 + replayed]  # task 2 trains on its data plus the replayed old classes
     assert method.memory_usage() == (count, nbytes)
     if overrides.get("memory"):
-        assert all(len(v) == 2 for v in method.exemplars.values()) and len(method.exemplars) == 20
+        assert all(len(v) == 2 for v in method.memory.items.values()) and method.memory.classes == list(range(20))
     scores = method.class_scores(bench.test_stream[0].dataset[0][0].unsqueeze(0))
     assert scores.shape == (1, 20)
 

@@ -1,4 +1,5 @@
 """iCaRL and its building blocks: herding, the exemplar memory, NME, sigmoid distillation, the CLI."""
+import copy
 import io
 import json
 import math
@@ -200,7 +201,7 @@ def test_memory_means_and_teacher_round_trip_through_a_weights_only_checkpoint(i
     state = torch.load(buf, weights_only=True)
 
     fresh = type(m)(context=m.context, hp=m.hp)
-    fresh.model.load_state_dict(state["model"])  # restore_model's part (the model has not grown here)
+    fresh.model = copy.deepcopy(m.model)  # restore_model's part: the model grown as training grew it
     restore_method(fresh, state["state"])
     assert fresh.memory_usage() == m.memory_usage() == (4, 4 * 784)
     assert torch.equal(fresh.means, m.means)
@@ -240,3 +241,24 @@ def test_a_run_interrupted_after_task_1_resumes_to_the_same_result(straight_and_
                                              max_train_per_class=16, quiet=True, overrides=(("icarl", "memory", "40"),))
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     assert resumed["memory_exemplars"] == straight["memory_exemplars"] == 40
+
+
+def test_memory_update_selects_by_herding_or_by_a_per_class_seed():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (30, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(3).repeat_interleave(10)
+    feats = torch.randn(30, 8)
+    herded = ExemplarMemory(max_items=12)
+    herded.update(images, labels, [0, 1, 2], seed=5, features=feats)  # 4 per class, best first
+    assert torch.equal(herded.items[1], images[10 + herding(feats[10:20], 4)])
+    # random: a class's choice depends on the seed and the class only, not on its neighbours
+    alone, together = ExemplarMemory(max_items=4), ExemplarMemory(max_items=12)
+    alone.update(images[10:20], labels[10:20], [1], seed=5)
+    together.update(images, labels, [2, 0, 1], seed=5)
+    assert torch.equal(alone.items[1], together.items[1]) and not torch.equal(together.items[1], images[10:14])
+    other = ExemplarMemory(max_items=12)
+    other.update(images, labels, [0, 1, 2], seed=6)
+    assert not torch.equal(other.items[1], together.items[1])
+    # new classes shrink the old ones to the new share; encode stores what it returns
+    together.update(images[:10], torch.full((10,), 3), [3], seed=5, encode=lambda x, g: x[:, :, :2], item_bytes=8)
+    assert [len(together.items[c]) for c in range(4)] == [3, 3, 3, 3] and together.items[3].shape == (3, 1, 2, 4)
