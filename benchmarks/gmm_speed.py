@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import data as data_mod  # noqa: E402
-from harness import vlm as V  # noqa: E402
+from harness.nn import vlm as V  # noqa: E402
+from harness.nn.vlm.model import _returned_cache  # noqa: E402
 from harness.method import TensorBatches  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import discover  # noqa: E402
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
             out = vlm.lm(input_ids=ids, use_cache=True, logits_to_keep=1)
             for _ in range(steps - 1):
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = vlm.lm(input_ids=tok, use_cache=True, logits_to_keep=1, **{vlm._cache_kw: V._returned_cache(out)})
+                out = vlm.lm(input_ids=tok, use_cache=True, logits_to_keep=1, **{vlm._cache_kw: _returned_cache(out)})
         sync(dev)
         bare = len(test_feats) / (time.perf_counter() - t)
     print(f"bare        {bare:9.1f} images/s  (the LM alone: batch {args.eval_batch}, {prompt_len}-token prompt, "

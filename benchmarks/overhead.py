@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import runner  # noqa: E402
-from harness.backbones import ConvNet  # noqa: E402
+from harness.nn.backbones import ConvNet  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import discover  # noqa: E402
 from protocols.quickdraw import BUNDLE, TRAIN_PER_CLASS  # noqa: E402

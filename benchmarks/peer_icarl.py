@@ -33,10 +33,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import metrics  # noqa: E402
-from harness.backbones import ConvNet  # noqa: E402
+from harness.nn.backbones import ConvNet  # noqa: E402
 from harness.data import prepare  # noqa: E402
 from harness.evaluation import Evaluator  # noqa: E402
-from harness.memory import class_means, nme_scores  # noqa: E402
+from harness.cil.memory import class_means, nme_scores  # noqa: E402
 from harness.method import MethodContext, materialise  # noqa: E402
 from harness.params import resolve_params  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402

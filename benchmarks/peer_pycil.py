@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.backbones import ConvNetBN  # noqa: E402
+from harness.nn.backbones import ConvNetBN  # noqa: E402
 from harness.data import prepare  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.method import MethodContext, materialise  # noqa: E402

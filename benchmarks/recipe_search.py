@@ -1,4 +1,4 @@
-"""The figures behind the QuickDraw recipe (harness/recipes.py): the joint bound of a development protocol.
+"""The figures behind the QuickDraw recipe (harness/cil/recipes.py): the joint bound of a development protocol.
 
 Trains one network on all classes of a development protocol at once (its joint upper
 bound, no incremental steps) for each candidate recipe and prints test accuracy in eval
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.augment import batch_augment  # noqa: E402
-from harness.backbones import IncrementalNet, create_backbone  # noqa: E402
+from harness.nn.augment import batch_augment  # noqa: E402
+from harness.nn.backbones import IncrementalNet, create_backbone  # noqa: E402
 from harness.data import prepare  # noqa: E402
 from harness.method import materialise  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from harness import threads
-from harness.memory import ExemplarMemory
+from harness.cil.memory import ExemplarMemory
 from harness.registry import METHODS
 from harness.runner import RunSpec, execute, plan_label
 

@@ -25,9 +25,9 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness.alignment import warmup_cosine
-from harness.augment import AUGMENTATIONS, batch_augment
-from harness.backbones import IncrementalNet, backbone_names, create_backbone
+from harness.cil.alignment import warmup_cosine
+from harness.nn.augment import AUGMENTATIONS, batch_augment
+from harness.nn.backbones import IncrementalNet, backbone_names, create_backbone
 from harness.data import ImageTensorDataset
 from harness.errors import HarnessError
 from harness.params import Param

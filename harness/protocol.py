@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from harness.augment import AUGMENTATIONS
+from harness.nn.augment import AUGMENTATIONS
 from harness.errors import HarnessError
 from harness.registry import PROTOCOLS
 
@@ -29,7 +29,7 @@ class Protocol:
     image_size: int = 32
     channels: int = 3
     noun: str = "photo"  # "This is a <noun> of a <class>." for generative methods
-    augment: str = "none"  # batch augmentation while training: harness.augment.AUGMENTATIONS
+    augment: str = "none"  # batch augmentation while training: harness.nn.augment.AUGMENTATIONS
     family: str = ""  # groups protocols for per-protocol method defaults (e.g. "cifar100")
     description: str = ""
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Name -> factory registries for methods, protocols and datasets.
+"""Name -> factory registries for methods, protocols, datasets, backbones and VLM stacks.
 
 Methods and protocols register themselves with a decorator when their module is
 imported. `discover()` imports every module of the `methods/` and `protocols/`
@@ -70,6 +70,8 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method")
 PROTOCOLS: Registry = Registry("protocol")
 DATASETS: Registry = Registry("dataset")
+BACKBONES: Registry = Registry("backbone")  # harness.nn.backbones
+VLM_STACKS: Registry = Registry("vision-language stack")  # harness.nn.vlm.stacks
 
 
 def register_method(name: str) -> Callable[[type], type]:

@@ -1,6 +1,6 @@
 """Fine-tuning (Avalanche's Naive): train on each task's data only; the lower bound."""
 from harness.method import TRAINING_PARAMS, CILMethod
-from harness.recipes import SUPERVISED_RECIPES
+from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
 
 

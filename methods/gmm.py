@@ -9,7 +9,7 @@ f_text of every seen class name is the score vector, so the harness evaluates GM
 any other method. No classifier grows.
 
 The paper starts from MiniGPT-4's aligned projection; the offline stack's is random, so it is
-first aligned on the dataset's classes that no protocol uses (gmm.align, harness/alignment.py).
+first aligned on the dataset's classes that no protocol uses (gmm.align, harness/cil/alignment.py).
 
 Options beyond the paper, each its own table row via --set (without replay the projection
 drifts toward the newest task in text space):
@@ -37,18 +37,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness.alignment import AlignmentSettings, aligned_projection
+from harness.cil.alignment import AlignmentSettings, aligned_projection
 from harness.errors import HarnessError
-from harness.memory import ExemplarMemory, check_budget, to_uint8
+from harness.cil.memory import ExemplarMemory, check_budget, to_uint8
 from harness.method import TensorBatches, materialise
 from harness.params import Param
-from harness.registry import register_method
-from harness.rehearsal import ExemplarReplay
-from harness.vlm import (answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_encoder_by_name,
+from harness.registry import VLM_STACKS, register_method
+from harness.cil.rehearsal import ExemplarReplay
+from harness.nn.vlm import (answer_sentence, build_stack, cache_dir, feature_cache, lm_precision, text_encoder_by_name,
                          text_scores)
 
 
-BUNDLED_ALIGNMENTS = Path(__file__).resolve().parent / "data"  # prebuilt stage-1 projections (harness.alignment)
+BUNDLED_ALIGNMENTS = Path(__file__).resolve().parent / "data"  # prebuilt stage-1 projections (harness.cil.alignment)
 
 
 @register_method("gmm")
@@ -70,7 +70,7 @@ class GMM(ExemplarReplay):
                               "paper's 200 at batch 2 are 400 samples: 25 batches of 16)", low=0),
         "min_lr": Param(1e-4, "warmup_cosine: the lr at the end of every task", low=0.0),
         "decay_biases": Param(False, "weight decay on biases and other 1-D parameters too (MiniGPT-4 exempts them)"),
-        "model": Param("offline", "vision-language stack", choices=("offline", "tiny", "hf_llava")),
+        "model": Param("offline", "vision-language stack", choices=tuple(VLM_STACKS.names())),
         "align": Param("auto", "stage-1 alignment of a random projection before any task, on the dataset's classes "
                        "no registered protocol uses (cached); auto = disjoint for the offline stack, none for "
                        "hf_llava (already aligned) and tiny", choices=("auto", "none", "disjoint")),

@@ -5,10 +5,10 @@
 - Loss (`icarl.loss`):
   - `ce_kd` (default), PyCIL's iCaRL, the figures most papers compare against: softmax
     cross-entropy on all seen classes + KL distillation of the old classes' outputs
-    at T=2, no T^2 factor (harness.distill.softmax_kd);
+    at T=2, no T^2 factor (harness.cil.distill.softmax_kd);
   - `bce`, the paper's: BCE on all seen-class outputs; targets one-hot for the labels,
     the previous model's sigmoid outputs for the old classes
-    (harness.distill.sigmoid_distillation_loss).
+    (harness.cil.distill.sigmoid_distillation_loss).
 - After training: shrink old classes to the new per-class quota, herd the new classes'
   exemplars with the updated feature extractor, recompute every class mean from its
   exemplars, freeze a copy of the model as the next task's teacher.
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from harness.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
+from harness.cil.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
 from harness.errors import HarnessError
-from harness.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
+from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
 from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
-from harness.recipes import SUPERVISED_RECIPES
+from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
-from harness.rehearsal import RehearsalMethod
+from harness.cil.rehearsal import RehearsalMethod
 
 # PyCIL's iCaRL optimiser (models/icarl.py): SGD lr 0.1, momentum 0.9, batch 128, weight
 # decay 5e-4 on the first task and 2e-4 after.

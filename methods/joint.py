@@ -2,7 +2,7 @@
 from avalanche.benchmarks.utils import concat_datasets
 
 from harness.method import TRAINING_PARAMS, CILMethod
-from harness.recipes import SUPERVISED_RECIPES
+from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
 
 

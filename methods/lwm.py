@@ -7,7 +7,7 @@ for the previous and the current model on the same input, vectorised, L2-normali
 L1 distance. The current model's map is built with create_graph=True so L_AD trains it.
 
 Exemplar-free by default. `memory=N` keeps N class-balanced exemplars, chosen at
-random (LwM has no selection rule of its own), in harness.memory's store, replayed
+random (LwM has no selection rule of its own), in harness.cil.memory's store, replayed
 with the new data; CE then covers all seen classes, since replayed samples carry old labels.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.distill import frozen_copy, softmax_kd
-from harness.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
-from harness.memory import ExemplarMemory, check_budget, to_uint8
+from harness.cil.distill import frozen_copy, softmax_kd
+from harness.nn.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
+from harness.cil.memory import ExemplarMemory, check_budget, to_uint8
 from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
-from harness.recipes import SUPERVISED_RECIPES
+from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
-from harness.rehearsal import ExemplarReplay
+from harness.cil.rehearsal import ExemplarReplay
 
 
 @register_method("lwm")

@@ -1,6 +1,6 @@
 """MAE-CIL: Masked Autoencoders are Efficient Class Incremental Learners (Zhai et al., ICCV 2023).
 
-Model (harness/mae.py): a ViT that classifies and, with a decoder of its own width,
+Model (harness/nn/mae.py): a ViT that classifies and, with a decoder of its own width,
 reconstructs masked images (mask ratio 0.75, pixel MSE on the masked patches), trained jointly.
 
 Exemplars are a random 25% of an image's patches plus their positions, not whole
@@ -20,7 +20,7 @@ iteration; loss = (1 - a) * (CE over all seen classes + reconstruction + detail)
 a * KD (T=2) from the previous model, a = old classes / seen classes; after every later
 task a balanced fine-tuning of the classifier on the (class-balanced) memory with the
 encoder frozen: here on the rebuilt exemplars' features. Bilateral part
-(`mae_cil.bilateral`): see harness/mae.py.
+(`mae_cil.bilateral`): see harness/nn/mae.py.
 
 Our choices, because old classes come back only as reconstructions (measurements in the
 README): `replay_view` also classifies (and distils) each training sample's own
@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.distill import frozen_copy, softmax_kd
+from harness.cil.distill import frozen_copy, softmax_kd
 from harness.errors import HarnessError
-from harness.mae import MaskedViT, mae_losses, patchify, random_keep
-from harness.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
+from harness.nn.mae import MaskedViT, mae_losses, patchify, random_keep
+from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
 from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.registry import register_method
-from harness.rehearsal import RehearsalMethod
+from harness.cil.rehearsal import RehearsalMethod
 
 FULL_IMAGES = 2000  # the default byte budget is this many full uint8 images (iCaRL's memory)
 # Acceptance checks of rebuilt exemplars (rebuilt_vs_real): filled background, rebuilt / real accuracy.

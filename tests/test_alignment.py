@@ -1,14 +1,13 @@
-"""GMM's stage-1 alignment (harness/alignment.py) and the zero-shot figure it is judged by."""
+"""GMM's stage-1 alignment (harness/cil/alignment.py) and the zero-shot figure it is judged by."""
 import json
 
-import pytest
 import torch
 
-from harness import alignment as A
+from harness.cil import alignment as A
 from harness.data import class_order, load_splits
 from harness.protocol import get_protocol
 from harness.registry import PROTOCOLS, discover
-from harness.vlm import build_stack
+from harness.nn.vlm import build_stack
 
 SETTINGS = A.AlignmentSettings(per_class=2, epochs=2, lr=3e-2, batch_size=32, warmup_steps=2)
 

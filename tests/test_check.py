@@ -72,7 +72,7 @@ LWF = '''
 from avalanche.training.plugins import LwFPlugin
 from harness.method import TRAINING_PARAMS, CILMethod
 from harness.params import Param
-from harness.recipes import SUPERVISED_RECIPES
+from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
 
 class Distiller(LwFPlugin):

@@ -16,7 +16,7 @@ from harness.method import MethodContext
 from harness.protocol import get_protocol
 from harness.registry import METHODS, discover
 from harness.streams import build_benchmark
-from harness.vlm import NgramTextEncoder, answer_sentence, build_stack, class_text, text_scores
+from harness.nn.vlm import NgramTextEncoder, answer_sentence, build_stack, class_text, text_scores
 
 NAMES = ["cat", "ice cream", "The Eiffel Tower", "bicycle", "apple", "hot air balloon"]
 ANSWERS = [
@@ -94,7 +94,7 @@ def test_lora_adds_trainable_adapters_only():
 def test_tiny_llava_model_from_a_config_is_a_stack():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from harness.vlm import ByteTokenizer, hf_llava_stack
+    from harness.nn.vlm import ByteTokenizer, hf_llava_stack
 
     tok = ByteTokenizer()
     cfg = LlavaConfig(
@@ -191,7 +191,7 @@ def test_quickdraw_fscil_is_60_base_classes_then_5_way_5_shot():
 
 
 def test_feature_cache_round_trips_through_disk(tmp_path, monkeypatch):
-    from harness.vlm import FeatureCache, TinyConvEncoder
+    from harness.nn.vlm import FeatureCache, TinyConvEncoder
 
     enc = TinyConvEncoder(1, 4)
     calls = []
@@ -279,7 +279,7 @@ def test_a_trained_language_model_recomputes_its_prefix():
 
 
 def test_bf16_language_model_keeps_a_float32_projection_that_learns():
-    from harness.vlm import lm_precision
+    from harness.nn.vlm import lm_precision
 
     assert lm_precision("fp32", torch.device("cpu")) == torch.float32
     assert lm_precision("bf16", torch.device("cpu")) == torch.bfloat16
@@ -327,7 +327,7 @@ def tiny_llava():
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from harness.vlm import NgramTextEncoder, hf_llava_stack, smollm2_path
+    from harness.nn.vlm import NgramTextEncoder, hf_llava_stack, smollm2_path
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -466,7 +466,7 @@ def test_text_encoder_by_name_takes_a_clip_text_tower_or_a_sentence_transformer(
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     from harness.errors import HarnessError
-    from harness.vlm import CLIPTextEncoder, SentenceTextEncoder, minilm_text_encoder, smollm2_path, text_encoder_by_name
+    from harness.nn.vlm import CLIPTextEncoder, SentenceTextEncoder, minilm_text_encoder, smollm2_path, text_encoder_by_name
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())  # a real BPE vocabulary for a tiny CLIP
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.distill import frozen_copy, sigmoid_distillation_loss
-from harness.memory import ExemplarMemory, class_means, herding, nme_scores
+from harness.cil.distill import frozen_copy, sigmoid_distillation_loss
+from harness.cil.memory import ExemplarMemory, class_means, herding, nme_scores
 from harness.method import MethodContext, TensorBatches
 from harness.params import resolve_params
 from harness.protocol import get_protocol

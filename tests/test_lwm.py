@@ -3,10 +3,10 @@ import json
 
 import torch
 
-from harness.backbones import IncrementalNet, create_backbone
+from harness.nn.backbones import IncrementalNet, create_backbone
 from harness.cli import main
-from harness.distill import frozen_copy
-from harness.gradcam import attention_distance, attention_figure, grad_cam, last_conv_block
+from harness.cil.distill import frozen_copy
+from harness.nn.gradcam import attention_distance, attention_figure, grad_cam, last_conv_block
 
 N_CLASSES = 5
 

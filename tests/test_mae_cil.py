@@ -5,7 +5,7 @@ import torch
 
 from harness.cli import main
 from protocols.quickdraw import load_quickdraw
-from harness.mae import MaskedViT, high_pass, mae_losses, patchify, unpatchify
+from harness.nn.mae import MaskedViT, high_pass, mae_losses, patchify, unpatchify
 from harness.method import MethodContext
 from harness.params import resolve_params
 from harness.protocol import get_protocol
@@ -188,7 +188,7 @@ def test_a_run_interrupted_after_task_1_resumes_to_the_same_result(straight_and_
 
 
 def test_nme_means_come_from_rebuilt_exemplars_of_every_class():
-    from harness.memory import class_means, nme_scores
+    from harness.cil.memory import class_means, nme_scores
 
     m = make_method()
     images = doodles(8, classes=(0, 1))
@@ -219,7 +219,7 @@ def test_the_replay_view_keeps_the_visible_patches_and_carries_no_gradient():
 
 def test_distillation_takes_the_share_of_old_classes_in_the_loss():
     # The reference's weighting: loss = (1 - a) * (CE + MAE losses) + a * KD, a = old / seen.
-    from harness.distill import frozen_copy
+    from harness.cil.distill import frozen_copy
 
     m = make_method(("replay_view", "false"))
     m.model.resize_head(4)

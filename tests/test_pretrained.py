@@ -8,9 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("timm")
-from harness import pretrained  # noqa: E402
+from harness.nn import pretrained  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.pretrained import (  # noqa: E402
+from harness.nn.pretrained import (  # noqa: E402
     EfficientNetLite0Features,
     efficientnet_lite0_state_dict,
     imagenet_classifier,

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from harness.augment import batch_augment
-from harness.backbones import create_backbone
-from harness.gradcam import last_conv_block
+from harness.nn.augment import batch_augment
+from harness.nn.backbones import create_backbone
+from harness.nn.gradcam import last_conv_block
 from harness.params import resolve_params
 from harness.registry import METHODS, discover
 

@@ -2,44 +2,39 @@
 
 - convnet: a small 2-conv CNN (the size of Avalanche's QuickDraw peer runs);
 - convnet_bn: 6 conv+BN layers, 16/32/64 channels, global average pool (75K parameters):
-  the QuickDraw/Fashion-MNIST recipe's backbone (harness/recipes.py says why);
+  the QuickDraw/Fashion-MNIST recipe's backbone (harness/cil/recipes.py says why);
 - resnet32: the CIFAR ResNet-32 of iCaRL/PyCIL, trained from scratch;
 - resnet18: torchvision's ResNet-18 with a 3x3 stem for small images;
 - efficientnet_lite0: ImageNet-pretrained EfficientNet-Lite0 from a PyPI package.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from avalanche.models import IncrementalClassifier
 from torch import nn
 
-from harness.errors import HarnessError
-
-_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+from harness.registry import BACKBONES
 
 
 def backbone(name: str):
+    """Decorator: fn(in_channels=, image_size=) -> nn.Module with `out_dim`, as backbone `name`."""
     def deco(fn):
-        _BACKBONES[name] = fn
-        return fn
+        return BACKBONES.register(name, fn)
 
     return deco
 
 
 def backbone_names() -> list[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def create_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     """Build a backbone by name; it exposes `out_dim`."""
-    if name not in _BACKBONES:
-        raise HarnessError(f"unknown backbone '{name}'; known: {', '.join(backbone_names())}")
+    factory = BACKBONES.get(name)  # an unknown name: one line with the known ones
     # Channels-last weights make oneDNN run the convolutions in NHWC (conv outputs follow the
     # weights' layout): on 2 CPU cores training 1.1-1.3x and evaluation 1.0-2.4x faster for
     # every backbone here (README, "Speed").
-    net = _BACKBONES[name](in_channels=in_channels, image_size=image_size)
+    net = factory(in_channels=in_channels, image_size=image_size)
     return net.to(memory_format=torch.channels_last)
 
 
@@ -151,7 +146,7 @@ def resnet18(in_channels: int, image_size: int) -> nn.Module:
 
 @backbone("efficientnet_lite0")
 def efficientnet_lite0(in_channels: int, image_size: int) -> nn.Module:
-    from harness.pretrained import EfficientNetLite0Features
+    from harness.nn.pretrained import EfficientNetLite0Features
 
     # ImageNet weights expect ~224 px: small images are upsampled inside the module.
     return EfficientNetLite0Features(in_channels=in_channels, image_size=max(image_size, 224), pretrained=True)

@@ -150,7 +150,7 @@ def aligned_projection(vlm, protocol: Protocol, encode: Callable[[torch.Tensor],
     """Load vlm.proj's aligned weights, from `bundled` (read-only, shipped with the project) or
     `cache`, building them into `cache` first when neither holds a sound file for this key;
     returns what was done (the record written to the run's config)."""
-    from harness.vlm import answer_sentence  # lazy: vlm imports transformers
+    from harness.nn.vlm import answer_sentence  # lazy: vlm imports transformers
 
     splits, pool = alignment_classes(protocol, data_root)  # the key needs only the names
     names = [splits.class_names[c] for c in pool]

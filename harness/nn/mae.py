@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from avalanche.models import IncrementalClassifier
 from torch import Tensor, nn
 
-from harness.backbones import resize_incremental_head
+from harness.nn.backbones import resize_incremental_head
 
 
 def patchify(x: Tensor, patch: int) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.memory import ExemplarMemory, nme_scores
+from harness.cil.memory import ExemplarMemory, nme_scores
 from harness.method import CILMethod, with_replay
 
 

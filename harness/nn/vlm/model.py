@@ -1,0 +1,259 @@
+"""The stack itself: encoder -> trainable projection -> frozen causal LM, its loss and its batched greedy decoding."""
+from __future__ import annotations
+
+import inspect
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class ChatFormat:
+    """The prompt around the image and question, and the text that ends an answer."""
+
+    template: str  # the user's turn and the assistant's lead-in, around {content} (image and question)
+    answer_end: str  # e.g. "<|im_end|>" or the tokenizer's eos token
+    answer_lead: str = ""  # text put before the answer (LLaVA's "ASSISTANT:" wants a space)
+
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt before the image and after it."""
+        content = f"{question}\n\0" if before_image else f"\0\n{question}"
+        before, after = self.template.format(content=content).split("\0")
+        return tokenizer.encode(before), tokenizer.encode(after)
+
+
+@dataclass
+class ProcessorChat(ChatFormat):
+    """The prompt as a transformers processor builds it: its own chat template, tokenised the
+    way the processor tokenises (BOS included where its tokenizer adds one), split at the image
+    token. Any LLaVA-style checkpoint with a chat template then sees the prompt it was trained on."""
+
+    processor: Any = None
+
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        parts = [{"type": "image"}, {"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": parts[::-1] if before_image else parts}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = self.processor.tokenizer(text)["input_ids"]
+        image = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        if ids.count(image) != 1:
+            raise HarnessError(f"the chat template of {type(self.processor).__name__} put {ids.count(image)} image "
+                               "tokens in a one-image prompt")
+        cut = ids.index(image)
+        return ids[:cut], ids[cut + 1:]
+
+
+CHATML = ChatFormat("<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
+LLAVA = ChatFormat("USER: {content} ASSISTANT:", "</s>", answer_lead=" ")
+
+
+class VisionLanguageModel(nn.Module):
+    """encoder (frozen) -> proj (trainable) -> lm (frozen, LoRA optional).
+
+    The encoder is applied outside the training step (features are cached, see
+    FeatureCache); `loss` and `generate` take the encoder's tokens (B, N, D_enc).
+    """
+
+    def __init__(self, encoder: nn.Module, proj: nn.Module, lm: nn.Module, tokenizer, text_encoder: Callable,
+                 chat: ChatFormat, name: str):
+        super().__init__()
+        self.encoder, self.proj, self.lm = encoder, proj, lm
+        self.tokenizer, self.text_encoder, self.chat, self.stack_name = tokenizer, text_encoder, chat, name
+        self.encoder.requires_grad_(False).eval()
+        self.lm.requires_grad_(False)
+        self.proj.requires_grad_(True)
+        self._cache_kw = _cache_kwarg(_base_lm(lm).forward)
+        self._decoder_cache_kw = _cache_kwarg(_base_lm(lm).get_decoder().forward)
+        # The prompt before the image is the same for every image: while the LM is frozen its
+        # keys/values are computed once and shared by every training step and generation
+        # (reuse_prefix=False recomputes them each time; the tests compare both paths).
+        self.reuse_prefix = True
+        self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self.set_question("What is this photo of?")
+
+    def _apply(self, fn, recurse: bool = True):
+        # f_text is not a submodule (it is shared, and never trained), but it should run
+        # where the LM runs: on a GPU, MiniLM on the CPU cost a large part of evaluation.
+        # .to(), .cuda() and .cpu() all end here.
+        super()._apply(fn, recurse)
+        self._prefix_kv.clear()  # computed on the old device or dtype
+        move = getattr(self.text_encoder, "to", None)
+        if callable(move):
+            move(next(self.proj.parameters()).device)  # LLaVA's projector has no .weight
+        return self
+
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.id
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen BatchNorm statistics stay ImageNet's
+        return self
+
+    def add_lora(self, r: int, alpha: float | None = None, dropout: float = 0.05) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        # q/v projections of the language model only: in a LLaVA model the vision tower has
+        # layers of the same names, and GMM keeps the encoder frozen.
+        vision = {id(m) for m in self.encoder.modules()}
+        targets = [name for name, m in self.lm.named_modules()
+                   if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and id(m) not in vision]
+        cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets, bias="none")
+        self.lm = get_peft_model(self.lm, cfg)  # only the LoRA matrices require grad
+
+    # ---- prompt and answers -----------------------------------------------------------
+    def set_question(self, question: str, before_image: bool = False) -> None:
+        """The question asked with every image: after it (MiniGPT-4's and LLaVA's order), or
+        before it, which makes the part of the prompt that never changes (and is computed
+        once, see _prefix_cache) 10 tokens long instead of 3 on the offline stack."""
+        before, after = self.chat.prompt_ids(self.tokenizer, question, before_image)
+        self.prompt_ids = (torch.tensor(before, dtype=torch.long), torch.tensor(after, dtype=torch.long))
+        # Generation stops at the end of the turn (left out of the answer's text) or at a
+        # sentence end (kept in it).
+        end = self.tokenizer.encode(self.chat.answer_end)[-1:]
+        self.stop_ids = torch.cat([torch.tensor(end, dtype=torch.long), self.sentence_end_ids]).unique()
+        self._prefix_kv.clear()
+
+    @functools.cached_property
+    def sentence_end_ids(self) -> Tensor:
+        """Every token whose text ends a sentence ('.', '!', '?' last): with SentencePiece 'cat.'
+        is one token, so stopping on the id of '.' alone would never fire."""
+        ends = [i for i in range(len(self.tokenizer)) if self.tokenizer.decode([i]).rstrip().endswith((".", "!", "?"))]
+        return torch.tensor(ends, dtype=torch.long)
+
+
+    def set_lm_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads; it
+        pays on CUDA and AMX CPUs, see native_bf16); the trainable projection stays float32."""
+        for p in self._lm_own_parameters():  # buffers (rotary frequencies) stay float32
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        self._prefix_kv.clear()
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def _lm_own_parameters(self):
+        """The LM's parameters without the projection's (LLaVA's projector lives inside lm)."""
+        proj = {id(p) for p in self.proj.parameters()}
+        return (p for p in self.lm.parameters() if id(p) not in proj)
+
+    def _lm_trains(self) -> bool:
+        return any(p.requires_grad for p in self._lm_own_parameters())
+
+    def answer_ids(self, sentences: Sequence[str]) -> Tensor:
+        """Token ids of answers + end token, right-padded with -100 (ignored by the loss)."""
+        seqs = [self.tokenizer.encode(self.chat.answer_lead + s + self.chat.answer_end) for s in sentences]
+        out = torch.full((len(seqs), max(map(len, seqs))), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = torch.tensor(s)
+        return out
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def prompt_embeds(self, feats: Tensor, with_prefix: bool = True) -> Tensor:
+        """[prompt before image][projected visual tokens][question and assistant turn]."""
+        vis = self.proj(feats.to(next(self.proj.parameters()).dtype))
+        b, dev = len(feats), vis.device
+        ids = self.prompt_ids if with_prefix else self.prompt_ids[1:]
+        *before, after = (self._embed(p.to(dev)).unsqueeze(0).expand(b, -1, -1) for p in ids)
+        return torch.cat([*before, vis.to(after.dtype), after], dim=1)
+
+    def _prefix_cache(self, batch: int, device: torch.device):
+        """A KV cache already holding the prompt before the image, for `batch` rows; None when
+        it cannot be reused (the LM trains, e.g. LoRA, or there is no such prompt)."""
+        ids = self.prompt_ids[0]
+        if not self.reuse_prefix or len(ids) == 0 or self._lm_trains():
+            return None
+        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (str(device), amp, self.lm_dtype)
+        if key not in self._prefix_kv:
+            with torch.no_grad():
+                out = self.lm(inputs_embeds=self._embed(ids.to(device)).unsqueeze(0), use_cache=True, logits_to_keep=1)
+            self._prefix_kv[key] = [(layer.keys, layer.values) for layer in _returned_cache(out).layers]
+        from transformers import DynamicCache
+
+        # expand() shares the one computed row; the cache's first update concatenates new rows onto it
+        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                             for k, v in self._prefix_kv[key]])
+
+    def _forward_prompt(self, feats: Tensor, tail: Tensor | None = None, decoder_only: bool = False, **kwargs):
+        """The LM (or only its decoder, for hidden states) over [prompt with image][tail], the
+        constant prefix taken from its cache when it can be."""
+        cache = self._prefix_cache(len(feats), next(self.proj.parameters()).device)
+        emb = self.prompt_embeds(feats, with_prefix=cache is None)
+        if tail is not None:
+            emb = torch.cat([emb, tail.to(emb.dtype)], dim=1)
+        if cache is not None:
+            kwargs.update({self._decoder_cache_kw if decoder_only else self._cache_kw: cache, "use_cache": True})
+        kwargs.setdefault("use_cache", False)  # training needs no returned cache
+        return (self.lm.get_decoder() if decoder_only else self.lm)(inputs_embeds=emb, **kwargs)
+
+    # ---- training: cross-entropy on the answer tokens only ---------------------------
+    def loss(self, feats: Tensor, answers: Tensor) -> Tensor:
+        """Mean cross-entropy of the answer tokens (right-padded with -100)."""
+        # Right padding needs no attention mask: causal attention never lets a real token see
+        # the padding after it. The vocabulary projection (a fifth of a small LM's training
+        # step) runs only on the hidden states that predict real answer tokens, gathered
+        # into one 2-D matrix: the LM's own head would take a batched product of a strided
+        # slice, 4x slower on CPU, and project the padding too.
+        # The last answer column is never an input that predicts anything: it is left out.
+        tail = self._embed(answers[:, :-1].clamp(min=0))
+        hidden = self._forward_prompt(feats, tail, decoder_only=True).last_hidden_state
+        predicting = hidden[:, -answers.shape[1]:]  # the prompt's last position, then each answer token
+        real = answers >= 0
+        logits = self.lm.get_output_embeddings()(predicting[real])
+        return F.cross_entropy(logits.float(), answers[real])
+
+    # ---- prediction: batched greedy decoding with the KV cache -----------------------
+    @torch.no_grad()
+    def generate(self, feats: Tensor, max_new_tokens: int = 16, early_stop: bool = True) -> list[str]:
+        """Greedy answers. With early_stop, a row that writes a stop token (sentence end or end
+        of turn) leaves the batch and its cache rows are dropped, so the rest decode cheaper."""
+        out = self._forward_prompt(feats, use_cache=True, logits_to_keep=1)
+        dev = out.logits.device
+        stop = self.stop_ids.to(dev)
+        tokens = torch.full((len(feats), max_new_tokens), int(stop[0]), dtype=torch.long, device=dev)
+        rows = torch.arange(len(feats), device=dev)  # the rows still writing
+        for step in range(max_new_tokens):
+            tok = out.logits[:, -1].argmax(-1)
+            tokens[rows, step] = tok
+            if step == max_new_tokens - 1:
+                break
+            cache = _returned_cache(out)
+            if early_stop:
+                going = ~torch.isin(tok, stop)
+                if not going.any():
+                    break
+                if not going.all():
+                    keep = going.nonzero().flatten()
+                    rows, tok = rows[keep], tok[keep]
+                    cache.batch_select_indices(keep)
+            out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        texts, stops, kept = [], set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
+        for seq in tokens.tolist():
+            cut = next((i + (t in kept) for i, t in enumerate(seq) if t in stops), len(seq))
+            texts.append(self.tokenizer.decode(seq[:cut]).strip())
+        return texts
+
+
+def _cache_kwarg(forward) -> str:
+    """transformers 5 names a forward's KV-cache argument `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _base_lm(lm: nn.Module) -> nn.Module:
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
