@@ -16,14 +16,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return old
 
 
-def frozen_from_state(model: nn.Module, state: dict) -> nn.Module:
-    """A teacher saved in a checkpoint, back as a frozen copy: `model` (a fresh build of the
-    same architecture, with `resize_head`) gets the saved head size, then the saved weights."""
-    model.resize_head(state["head.classifier.weight"].shape[0])
-    model.load_state_dict(state)
-    return frozen_copy(model)
-
-
 def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
                t_squared: bool = True) -> torch.Tensor:
     """Hinton et al.'s KD on the teacher's classes: KL(teacher_T || student_T), batch mean,
