@@ -22,7 +22,7 @@ from harness.atomic import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
 MAGIC = b"CILHARNESS-CKPT-1 sha256="
-FORMAT_VERSION = 2  # 2: method attributes and plugin state (harness.state)
+FORMAT_VERSION = 1
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:

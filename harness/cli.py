@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print the paper table of finished runs")
     report.add_argument("dirs", nargs="+", metavar="DIR")
-    report.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+    report.add_argument("--format", default="md", choices=("md", "latex", "csv", "html"),
+                        help="html: one self-contained page (figures embedded), also written by every run")
 
     plot = sub.add_parser("plot", help="write the figures of finished runs")
     plot.add_argument("dir", metavar="DIR")

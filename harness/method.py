@@ -282,6 +282,9 @@ class CILMethod(SupervisedTemplate):
         """Return to the state saved after training `past_experiences` (a resumed run): the
         model and optimizer, then every other attribute (harness.state), then what the method
         rebuilds itself (on_resume) or saved itself (extra_state)."""
+        if "state" not in state:
+            raise HarnessError("this checkpoint was written before the harness saved method attributes; "
+                               "--restart starts this run over")
         self.restore_model(state, past_experiences)
         restore_method(self, state["state"])
         self.on_resume(past_experiences)

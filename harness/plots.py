@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import matplotlib
 
@@ -40,7 +42,7 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     try:
         for p in paths:
-            atomic_savefig(fig, p, dpi=_DPI)
+            atomic_savefig(fig, p, dpi=_DPI, bbox_inches="tight")  # a legend outside the axes stays in
     finally:
         plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return paths
@@ -119,27 +121,42 @@ def _matrix(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
     return fig
 
 
-def write_figures(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write every figure (PNG and PDF) for each protocol in `runs`; returns the paths."""
-    out_dir = Path(out_dir)
+@dataclass
+class Figure:
+    stem: str  # file name without extension
+    kind: str  # "acc_vs_classes", "acc_vs_classes_task_il", "forgetting" or "accuracy_matrix"
+    protocol: str
+    label: str | None  # the run label of an accuracy matrix
+    fig: plt.Figure
+
+
+def figures(runs: pd.DataFrame) -> Iterator[Figure]:
+    """Every figure for each protocol in `runs`, built one at a time (close each after use)."""
     all_labels = sorted(runs.label.unique())
     colours = sns.color_palette("tab10" if len(all_labels) <= 10 else "husl", len(all_labels))
     palette = dict(zip(all_labels, colours))
     proto_slug = _slugs(runs.protocol.unique())
-    paths: list[Path] = []
     with sns.axes_style("whitegrid"):  # a local style: global rcParams stay untouched
         for protocol, g in runs.groupby("protocol", sort=True):
             ps = proto_slug[protocol]
-            paths += _save(_acc_vs_classes(g, protocol, palette), out_dir, f"acc_vs_classes_{ps}")
+            yield Figure(f"acc_vs_classes_{ps}", "acc_vs_classes", protocol, None,
+                         _acc_vs_classes(g, protocol, palette))
             til = g[g.task_il_step_accuracy.map(lambda v: isinstance(v, list))] if "task_il_step_accuracy" in g else g[:0]
             if len(til):  # runs that recorded Task-IL (the task identity given at test time)
-                paths += _save(_acc_vs_classes(til, protocol, palette, "task_il_step_accuracy",
-                                               "Task-IL accuracy, task identity given (%)"),
-                               out_dir, f"acc_vs_classes_task_il_{ps}")
+                yield Figure(f"acc_vs_classes_task_il_{ps}", "acc_vs_classes_task_il", protocol, None,
+                             _acc_vs_classes(til, protocol, palette, "task_il_step_accuracy",
+                                             "Task-IL accuracy, task identity given (%)"))
             if g.per_task_forgetting.map(len).max() > 0:  # one-task runs forget nothing
-                paths += _save(_forgetting(g, protocol, palette), out_dir, f"forgetting_{ps}")
+                yield Figure(f"forgetting_{ps}", "forgetting", protocol, None, _forgetting(g, protocol, palette))
             label_slug = _slugs(g.label.unique())
             for label, lg in g.groupby("label", sort=True):
-                paths += _save(_matrix(lg, protocol, label), out_dir,
-                               f"accuracy_matrix_{ps}_{label_slug[label]}")
+                yield Figure(f"accuracy_matrix_{ps}_{label_slug[label]}", "accuracy_matrix", protocol, label,
+                             _matrix(lg, protocol, label))
+
+
+def write_figures(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write every figure (PNG and PDF) for each protocol in `runs`; returns the paths."""
+    paths: list[Path] = []
+    for f in figures(runs):
+        paths += _save(f.fig, Path(out_dir), f.stem)
     return paths

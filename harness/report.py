@@ -24,8 +24,8 @@ from harness.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("md", "latex", "csv")
-_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv"}
+FORMATS = ("md", "latex", "csv", "html")
+_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv", "html": "report.html"}
 _REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_seen",
              "avg_incremental_accuracy", "last_accuracy")
 # Numeric summary fields aggregated over seeds (mean and std) in the CSV table.
@@ -235,19 +235,24 @@ def _latex(t: pd.DataFrame) -> str:
 
 
 def render(runs: pd.DataFrame, fmt: str) -> str:
-    """The report as text: "md" / "latex" (paper table) or "csv" (summary_table)."""
+    """The report as text: "md" / "latex" (paper table), "csv" (summary_table) or "html" (one
+    self-contained page with the figures, harness.html_report)."""
     if fmt == "md":
         return _markdown(paper_table(runs))
     if fmt == "latex":
         return _latex(paper_table(runs))
     if fmt == "csv":
         return summary_table(runs).to_csv(index=False)
+    if fmt == "html":
+        from harness.html_report import html_page  # draws every figure: only when asked
+
+        return html_page(runs)
     raise HarnessError(f"unknown report format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path,
                  formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write table.md / table.tex / table.csv (atomically) to out_dir; returns the paths."""
+    """Write table.md / table.tex / table.csv / report.html (atomically) to out_dir; returns the paths."""
     texts = {f: render(runs, f) for f in formats}  # render all first: fail before writing
     paths = []
     for fmt, text in texts.items():

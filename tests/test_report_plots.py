@@ -96,7 +96,7 @@ def test_single_seed_and_one_task(tmp_path):
 def test_write_report_files_parse(runs, results, tmp_path):
     _, summaries = results
     paths = write_report(runs, tmp_path)
-    assert sorted(p.name for p in paths) == ["table.csv", "table.md", "table.tex"]
+    assert sorted(p.name for p in paths) == ["report.html", "table.csv", "table.md", "table.tex"]
 
     csv = pd.read_csv(tmp_path / "table.csv")
     assert len(csv) == len(PROTOCOLS) * len(LABELS)
@@ -124,7 +124,7 @@ def test_write_report_files_parse(runs, results, tmp_path):
 
 def test_render_unknown_format(runs):
     with pytest.raises(HarnessError):
-        render(runs, "html")
+        render(runs, "pdf")
 
 
 def test_figures(runs, tmp_path):
