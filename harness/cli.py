@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="start unfinished runs over instead of resuming from their checkpoint")
     run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
+    run.add_argument("--logger", nargs="+", default=[], choices=("tensorboard", "wandb", "csv"), metavar="L",
+                     help="also log loss curves, per-task accuracy and the final matrix to tensorboard, wandb "
+                          "(offline without a network) or csv, in each run's folder")
     run.add_argument("--threads", type=_positive, metavar="N",
                      help="CPU threads per run (default: the cores idle before each task, so other "
                           "processes on the machine do not stall it; fix N to repeat a run bit for bit)")
@@ -120,6 +123,9 @@ def cmd_run(args) -> int:
     validate_set_options(overrides, methods)
     resolve_device(args.device)
     results.check_output_dir(Path(args.out))
+    from harness.loggers import check_available
+
+    check_available(args.logger)  # a missing package: one line before any work
     data_mod.load_splits(protocol, args.data_root, args.download)  # missing data -> one line, exit 2
 
     n_threads = args.threads
@@ -132,7 +138,7 @@ def cmd_run(args) -> int:
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
                 data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
                 quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins),
-                threads=n_threads)
+                threads=n_threads, loggers=tuple(args.logger))
         for m in methods for s in args.seeds
     ]
     for spec in specs:

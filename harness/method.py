@@ -62,6 +62,7 @@ class MethodContext:
     quiet: bool = False
     images: int = 0  # training + test images of the whole stream (0: unknown), e.g. to size a feature cache
     data_root: str | None = None  # where datasets live (--data-root), for methods that read more of the dataset
+    evaluator: Any = None  # Avalanche's EvaluationPlugin with the run's --logger loggers (None: Avalanche's default)
 
 
 class TensorBatches:
@@ -159,7 +160,7 @@ class CILMethod(SupervisedTemplate):
                 eval_mb_size=max(256, hp["batch_size"]),
                 device=context.device,
                 plugins=[*plugins, EpochProgress(disable=context.quiet)],
-                evaluator=None,
+                evaluator=context.evaluator,
             )
 
     # ---- building blocks a method may override -------------------------------------

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
-from harness import checkpoint, metrics, results, threads
+from harness import checkpoint, loggers, metrics, results, threads
 from harness.errors import HarnessError
 from harness.evaluation import Evaluator
 from harness.method import CILMethod, MethodContext
@@ -53,6 +53,7 @@ class RunSpec:
     quiet: bool = False
     plugins: tuple[str, ...] = ()
     threads: int | None = None  # CPU threads; None: follow the idle cores (harness.threads)
+    loggers: tuple[str, ...] = ()  # --logger: tensorboard, wandb, csv (harness.loggers); results do not depend on them
 
 
 @dataclass
@@ -137,19 +138,20 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             raise HarnessError(f"checkpoint {ckpt_path} was written by a different configuration of this run; "
                                "--restart starts it over")
 
+    first_step = 0 if saved is None else saved["step"] + 1
+    run_loggers = loggers.build(spec.loggers, path, label, spec.seed, first_step, identity)
     seed_everything(spec.seed)
     benchmark = build_benchmark(data)
     cls = METHODS.get(spec.method)
     context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet,
-                            images=len(data.train) + len(data.test), data_root=spec.data_root)
+                            images=len(data.train) + len(data.test), data_root=spec.data_root,
+                            evaluator=loggers.evaluation_plugin(run_loggers))
     method = cls(context=context, hp=hp)
 
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
     progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
                 "wall_time_s": 0.0}
-    first_step = 0
     if saved is not None:
-        first_step = saved["step"] + 1
         method.restore(saved["method"], list(benchmark.train_stream)[:first_step])
         progress = saved["progress"]
         checkpoint.set_rng_state(saved["rng"])
@@ -203,6 +205,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
             progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
                                      "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
         results.write_metrics(path, progress["rows"])
+        loggers.log_task(run_loggers, step, classes_seen, scores, zs if zero_shot else None,
+                         method.clock.total_iterations)
         # Saved after evaluation: the RNG state is the one the next task starts from.
         checkpoint.save(ckpt_path, {"fingerprint": checkpoint.fingerprint(identity), "step": step,
                                     "method": method.checkpoint_state(), "progress": progress,
@@ -216,6 +220,8 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
                         f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})"
                         + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zero_shot else ""))
     tasks.close()
+    loggers.log_final(run_loggers, progress["matrix"], protocol_dir, label, method.clock.total_iterations)
+    loggers.close(run_loggers)
 
     exemplars, memory_bytes = method.memory_usage()
     summary = {
