@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="start unfinished runs over instead of resuming from their checkpoint")
     run.add_argument("--workers", type=_positive, default=1, help="runs in parallel (process pool)")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="ray: every run a Ray task, on a local Ray or the cluster at --ray-address")
+    run.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default $RAY_ADDRESS, else a "
+                     "local Ray started for this command)")
+    run.add_argument("--cpus-per-run", type=_positive, default=1, metavar="N", help="with --executor ray (default 1)")
+    run.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G", help="with --executor ray (default 0)")
     run.add_argument("--logger", nargs="+", default=[], choices=("tensorboard", "wandb", "csv"), metavar="L",
                      help="also log loss curves, per-task accuracy and the final matrix to tensorboard, wandb "
                           "(offline without a network) or csv, in each run's folder")
@@ -129,6 +135,9 @@ def cmd_run(args) -> int:
     data_mod.load_splits(protocol, args.data_root, args.download)  # missing data -> one line, exit 2
 
     n_threads = args.threads
+    parallel = args.workers > 1 or args.executor == "ray"
+    if n_threads is None and args.executor == "ray":  # a Ray task has the CPUs it asked for
+        n_threads = args.cpus_per_run
     if n_threads is None and args.workers > 1:  # parallel runs share the cores from the start
         from harness.threads import usable_cores
 
@@ -137,7 +146,7 @@ def cmd_run(args) -> int:
         RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
                 data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
-                quiet=args.quiet or args.workers > 1, plugins=tuple(args.plugins + args.run_plugins),
+                quiet=args.quiet or parallel, plugins=tuple(args.plugins + args.run_plugins),
                 threads=n_threads, loggers=tuple(args.logger))
         for m in methods for s in args.seeds
     ]
@@ -146,7 +155,8 @@ def cmd_run(args) -> int:
         path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
         if results.is_finished(path) and not spec.force:
             _say(args.quiet, f"skip {label} seed {spec.seed}: finished in {path} (--force reruns it)")
-    outcomes = run_all(specs, workers=args.workers)
+    outcomes = run_all(specs, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
 
     protocol_dir = outcomes[0].protocol_dir
     table_dir = Path(args.out) / protocol_dir

@@ -3,8 +3,8 @@
 A run: prepare the protocol's data -> Avalanche stream -> for each experience,
 method.learn() then the harness's evaluation on every seen task -> metrics.csv
 after each task, summary.json at the end. Runs are independent, so a sweep is a
-list of RunSpecs that any executor (sequential, a process pool, later Ray or a
-cluster scheduler) can take.
+list of RunSpecs that any executor (sequential, a process pool, Ray: harness.ray_executor)
+can take.
 """
 from __future__ import annotations
 
@@ -260,8 +260,13 @@ def _say(spec: RunSpec, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def run_all(specs: Sequence[RunSpec], workers: int = 1) -> list[RunOutcome]:
-    """Execute runs sequentially, or in a pool of processes when workers > 1."""
+def run_all(specs: Sequence[RunSpec], workers: int = 1, executor: str = "local", ray_address: str | None = None,
+            cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[RunOutcome]:
+    """Execute runs sequentially, in a pool of processes when workers > 1, or as Ray tasks."""
+    if executor == "ray":
+        from harness.ray_executor import run_on_ray
+
+        return run_on_ray(specs, ray_address, cpus_per_run, gpus_per_run)
     if workers <= 1:
         return [execute(s) for s in specs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
