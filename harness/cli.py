@@ -11,7 +11,7 @@ from typing import Sequence
 from harness.errors import HarnessError
 
 # The embedded default: bounds, a classic and the flagship on the 2-task QuickDraw stream.
-# Measured on 2 idle CPU cores: 300 s in all, 3.8 min of them GMM (the other three 62 s).
+# Measured on 2 idle CPU cores: 300-361 s in all, 3.8 min of them GMM (README, Command line).
 DEFAULT_METHODS = ("finetune", "joint", "icarl", "gmm")
 DEFAULT_PROTOCOL = "quickdraw20_2x10"
 DEFAULT_OUT = "results"
