@@ -40,6 +40,7 @@ class LwM(ExemplarReplay):
     }
     # The finetune recipe unchanged: LwM changes the loss only, so tables compare at equal epochs.
     protocol_defaults = SUPERVISED_RECIPES
+    transient = ("_fmap",)  # the last batch's feature map, caught by a hook for Grad-CAM
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -107,6 +107,7 @@ class MAECIL(RehearsalMethod):
         "imagenet_r": {"epochs": 50, "batch_size": 128},
         "imagenet100": {"epochs": 50, "batch_size": 128},
     }
+    transient = ("replayed",)  # this task's replayed images: made again when the next task starts
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
