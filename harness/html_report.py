@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from harness.plots import figures
+from harness.plots import figures, png_bytes
 from harness.report import paper_table
 
 _STYLE = """
@@ -45,12 +43,7 @@ def _anchor(*parts: object) -> str:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # a legend outside the axes stays in
-    finally:
-        plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, dpi=110)).decode("ascii")
 
 
 def _paper_table_html(runs: pd.DataFrame) -> str:

@@ -125,20 +125,14 @@ def log_final(loggers: list, matrix: list[list[float]], protocol: str, label: st
     """The accuracy matrix as a figure, at the last task."""
     if not loggers:
         return
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from harness.plots import _matrix
-
     from PIL import Image
 
-    fig = _matrix(pd.DataFrame({"accuracy_matrix": [matrix]}), protocol, label)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    image = Image.open(buf).convert("RGB")  # an image, which every logger takes (W&B would need plotly for a figure)
+    from harness.plots import matrix_figure, png_bytes
+
+    fig = matrix_figure(pd.DataFrame({"accuracy_matrix": [matrix]}), protocol, label)
+    # an image, which every logger takes (W&B would need plotly for a matplotlib figure)
+    image = Image.open(io.BytesIO(png_bytes(fig, dpi=100))).convert("RGB")
     for lg in loggers:
         lg.log_single_metric("accuracy_matrix", image, iterations if hasattr(lg, "wandb") else len(matrix))
 

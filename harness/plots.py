@@ -9,6 +9,7 @@ Tasks are numbered from 1 in every figure. A label keeps its colour across figur
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,16 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     finally:
         plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return paths
+
+
+def png_bytes(fig, dpi: int = _DPI) -> bytes:
+    """The figure as PNG (a legend outside the axes included), then closed."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def _legend(ax, n: int) -> None:
@@ -93,7 +104,8 @@ def _forgetting(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure:
     return fig
 
 
-def _matrix(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
+def matrix_figure(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
+    """The seed-mean accuracy matrix of the runs in `g` (rows with `accuracy_matrix`) as a heatmap."""
     mats = []
     for r in g.itertuples():
         T = len(r.accuracy_matrix)
@@ -151,7 +163,7 @@ def figures(runs: pd.DataFrame) -> Iterator[Figure]:
             label_slug = _slugs(g.label.unique())
             for label, lg in g.groupby("label", sort=True):
                 yield Figure(f"accuracy_matrix_{ps}_{label_slug[label]}", "accuracy_matrix", protocol, label,
-                             _matrix(lg, protocol, label))
+                             matrix_figure(lg, protocol, label))
 
 
 def write_figures(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
