@@ -164,7 +164,9 @@ def cmd_run(args) -> int:
         _say(args.quiet, "no finished run to tabulate yet: other processes are running these runs")
         return 0
     runs = collect_runs([table_dir])
-    written = write_report(runs, table_dir) + write_figures(runs, table_dir / "plots")
+    embedded: list = []  # each figure drawn once: files, then the page
+    figure_paths = write_figures(runs, table_dir / "plots", embedded)
+    written = write_report(runs, table_dir, embedded=embedded) + figure_paths
     print(render(runs, "md"), end="")
     _say(args.quiet, f"\nresults: {table_dir}")
     _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))

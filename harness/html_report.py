@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.plots import figures, png_bytes
+from harness.plots import EMBED_DPI, figures, png_bytes
 from harness.report import paper_table
 
 _STYLE = """
@@ -42,8 +42,8 @@ def _anchor(*parts: object) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(map(str, parts))).strip("-").lower()
 
 
-def _png(fig) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, dpi=110)).decode("ascii")
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _paper_table_html(runs: pd.DataFrame) -> str:
@@ -83,11 +83,15 @@ def _config(path: Path) -> dict:
         return {}
 
 
-def html_page(runs: pd.DataFrame, title: str = "Class-incremental learning results") -> str:
+def html_page(runs: pd.DataFrame, title: str = "Class-incremental learning results",
+              embedded: list | None = None) -> str:
+    """The page; `embedded`: (figure, PNG bytes) already drawn by plots.write_figures, else drawn here."""
     protocols = sorted(runs.protocol.unique())
+    if embedded is None:
+        embedded = [(f, png_bytes(f.fig, EMBED_DPI)) for f in figures(runs)]
     figs: dict[str, list] = {p: [] for p in protocols}
-    for f in figures(runs):
-        figs[f.protocol].append((f, _png(f.fig)))
+    for f, png in embedded:
+        figs[f.protocol].append((f, _uri(png)))
     nav = " ".join(f'<a href="#{_anchor("protocol", p)}">{html.escape(p)}</a>' for p in protocols)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<nav><a href="#table">Table</a> {nav} <a href="#runs">Runs</a></nav>',

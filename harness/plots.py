@@ -49,13 +49,14 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def png_bytes(fig, dpi: int = _DPI) -> bytes:
-    """The figure as PNG (a legend outside the axes included), then closed."""
+def png_bytes(fig, dpi: int = _DPI, close: bool = True) -> bytes:
+    """The figure as PNG (a legend outside the axes included), then closed unless `close` is False."""
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        if close:
+            plt.close(fig)
     return buf.getvalue()
 
 
@@ -166,9 +167,17 @@ def figures(runs: pd.DataFrame) -> Iterator[Figure]:
                              matrix_figure(lg, protocol, label))
 
 
-def write_figures(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write every figure (PNG and PDF) for each protocol in `runs`; returns the paths."""
+# The HTML page's resolution: figures on screen, a page that stays small
+EMBED_DPI = 110
+
+
+def write_figures(runs: pd.DataFrame, out_dir: str | Path, embedded: list | None = None) -> list[Path]:
+    """Write every figure (PNG and PDF) for each protocol in `runs`; returns the paths. With
+    `embedded`, also appends (figure, PNG bytes at EMBED_DPI) for the HTML page, so a run draws
+    each figure once."""
     paths: list[Path] = []
     for f in figures(runs):
+        if embedded is not None:
+            embedded.append((f, png_bytes(f.fig, EMBED_DPI, close=False)))
         paths += _save(f.fig, Path(out_dir), f.stem)
     return paths

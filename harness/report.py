@@ -234,7 +234,7 @@ def _latex(t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(runs: pd.DataFrame, fmt: str) -> str:
+def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None) -> str:
     """The report as text: "md" / "latex" (paper table), "csv" (summary_table) or "html" (one
     self-contained page with the figures, harness.html_report)."""
     if fmt == "md":
@@ -246,14 +246,15 @@ def render(runs: pd.DataFrame, fmt: str) -> str:
     if fmt == "html":
         from harness.html_report import html_page  # draws every figure: only when asked
 
-        return html_page(runs)
+        return html_page(runs, embedded=embedded)
     raise HarnessError(f"unknown report format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path,
-                 formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write table.md / table.tex / table.csv / report.html (atomically) to out_dir; returns the paths."""
-    texts = {f: render(runs, f) for f in formats}  # render all first: fail before writing
+                 formats: Sequence[str] = FORMATS, embedded: list | None = None) -> list[Path]:
+    """Write table.md / table.tex / table.csv / report.html (atomically) to out_dir; returns the paths.
+    `embedded`: the figures plots.write_figures drew, for the page (else it draws them)."""
+    texts = {f: render(runs, f, embedded) for f in formats}  # render all first: fail before writing
     paths = []
     for fmt, text in texts.items():
         path = Path(out_dir) / _FILES[fmt]
