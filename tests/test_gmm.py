@@ -489,3 +489,69 @@ def test_text_encoder_by_name_takes_a_clip_text_tower_or_a_sentence_transformer(
     method, _ = _method(text_encoder=str(tmp_path / "clip"))  # GMM's class names go through it
     assert isinstance(method.model.text_encoder, CLIPTextEncoder) and method.class_embeddings.shape == (20, 16)
     assert method.run_info()["text_encoder"] == "CLIPTextEncoder"
+
+
+def test_each_distinct_answer_is_decoded_and_embedded_once():
+    """A batch of thousands holds few distinct answers: decoding and f_text run once per
+    distinct one, and every row still gets its own answer's scores."""
+    torch.manual_seed(1)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_question("What is this drawing of?")
+    feats = vlm.encoder(torch.rand(3, 1, 28, 28))[[0, 1, 2, 0, 1, 0]]  # rows 0, 3, 5 and 1, 4 are the same image
+    decoded = []
+    decode = vlm.tokenizer.decode
+    vlm.tokenizer.decode = lambda ids: decoded.append(tuple(ids)) or decode(ids)
+    texts = vlm.generate(feats, max_new_tokens=8)
+    assert texts[0] == texts[3] == texts[5] and texts[1] == texts[4]
+    assert len(decoded) == len(set(decoded)) == len(set(texts))
+
+    seen = []
+    encoder = NgramTextEncoder()
+
+    def counting(batch):
+        seen.append(list(batch))
+        return encoder(batch)
+
+    answers = [a for a, _ in ANSWERS] * 3
+    classes = encoder(NAMES)
+    scores = text_scores(counting, answers, classes)
+    assert len(seen) == 1 and len(seen[0]) == len(set(seen[0])) == len(ANSWERS)
+    one_by_one = torch.cat([text_scores(encoder, [a], classes) for a in answers])
+    torch.testing.assert_close(scores, one_by_one)
+
+
+@pytest.mark.skipif(not (os.environ.get("CXX") or __import__("shutil").which("g++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (.ci/run installs g++)")
+def test_compiled_pointwise_modules_give_the_same_loss_gradient_and_answers():
+    """gmm.compile: the LM's MLPs and norms through torch.compile (fused on a GPU) compute what
+    the eager modules compute."""
+    torch.manual_seed(0)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.set_question("What is this drawing of?")
+    feats = vlm.encoder(torch.rand(6, 1, 28, 28))
+    answers = vlm.answer_ids([answer_sentence("drawing", n) for n in NAMES])
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            assert vlm.compile_pointwise() == 3 * len(vlm.lm.model.layers) + 1
+        vlm.proj.zero_grad()
+        loss = vlm.loss(feats, answers)
+        loss.backward()
+        results.append((loss.detach(), vlm.proj.weight.grad.clone(), vlm.generate(feats, max_new_tokens=12)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[1][2] == results[0][2]
+
+
+def test_generation_batch_fits_its_kv_cache_in_a_quarter_of_free_memory():
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    cfg = vlm.lm.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert vlm.kv_bytes_per_token() == per_token  # float32 weights
+    vlm.set_lm_dtype(torch.bfloat16)
+    assert vlm.kv_bytes_per_token() == per_token // 2
+    row = (len(vlm.prompt_ids[0]) + len(vlm.prompt_ids[1]) + 4 + 16) * per_token // 2
+    assert vlm.generation_batch(4 * 100 * row, visual_tokens=4, max_new_tokens=16) == 100
+    assert vlm.generation_batch(4 * 100 * row - 1, visual_tokens=4, max_new_tokens=16) == 99
+    assert vlm.generation_batch(10**15, visual_tokens=4, max_new_tokens=16) == 32768
+    assert vlm.generation_batch(0, visual_tokens=4, max_new_tokens=16) == 1

@@ -29,5 +29,10 @@ def answer_sentence(noun: str, class_name: str) -> str:
 
 def text_scores(text_encoder: Callable, answers: Sequence[str], class_embeddings: Tensor) -> Tensor:
     """Cosine similarity of each answer's class text to every class name: (B, n_classes)."""
-    emb = F.normalize(text_encoder([class_text(a) for a in answers]).float(), dim=1)
+    # A trained model writes few distinct answers (about one per class): each distinct class
+    # text is embedded once, which on a GPU batch of thousands is most of f_text's cost.
+    texts = [class_text(a) for a in answers]
+    distinct = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(distinct)}
+    emb = F.normalize(text_encoder(distinct).float(), dim=1)[[where[t] for t in texts]]
     return emb @ F.normalize(class_embeddings.float(), dim=1).T

@@ -141,6 +141,37 @@ class VisionLanguageModel(nn.Module):
     def lm_dtype(self) -> torch.dtype:
         return self.lm.get_input_embeddings().weight.dtype
 
+    def compile_pointwise(self) -> int:
+        """torch.compile each decoder layer's MLP and RMSNorms (and the final norm): the
+        elementwise work between the matrix products (float32 upcasts, SiLU, products) fused,
+        instead of a pass over the activations for each operation. Attention stays eager: its
+        KV cache is one object across layers, and guards on it would recompile per layer.
+        Returns the number of modules compiled (0 where the LM has no such layers)."""
+        base = _base_lm(self.lm)
+        layers = getattr(getattr(base, "model", None), "layers", [])
+        parts = [m for layer in layers for m in (getattr(layer, "mlp", None), getattr(layer, "input_layernorm", None),
+                                                   getattr(layer, "post_attention_layernorm", None)) if m is not None]
+        final = getattr(getattr(base, "model", None), "norm", None)
+        for m in parts + ([final] if final is not None else []):
+            m.compile(dynamic=True)
+        return len(parts) + (final is not None)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes across the LM's layers, in the LM's dtype."""
+        cfg = _base_lm(self.lm).config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cfg.num_hidden_layers * 2 * kv_heads * head_dim * self.lm_dtype.itemsize
+
+    def generation_batch(self, free_bytes: int, visual_tokens: int, max_new_tokens: int, most: int = 32768) -> int:
+        """Rows per generation batch whose KV cache takes at most a quarter of `free_bytes`
+        (the rest for the prefill's activations and logits), capped at `most`. On a GPU a
+        decode step's fixed cost bounds small batches: on an H200 SmolLM2-135M answers 0.8k
+        images/s at 256 rows, 9.4k at 8,192 and 16.4k at 32,768 (benchmarks/gmm_speed.py, README);
+        a 7B LLaVA's ~600 tokens per row get a few hundred rows."""
+        tokens = sum(len(p) for p in self.prompt_ids) + visual_tokens + max_new_tokens
+        return int(max(1, min(most, free_bytes // 4 // (tokens * self.kv_bytes_per_token()))))
+
     def _lm_own_parameters(self):
         """The LM's parameters without the projection's (LLaVA's projector lives inside lm)."""
         proj = {id(p) for p in self.proj.parameters()}
@@ -239,10 +270,15 @@ class VisionLanguageModel(nn.Module):
                     rows, tok = rows[keep], tok[keep]
                     cache.batch_select_indices(keep)
             out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        texts, stops, kept = [], set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
+        stops, kept = set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
+        decoded: dict[tuple[int, ...], str] = {}  # few distinct answers: each is decoded once
+        texts = []
         for seq in tokens.tolist():
             cut = next((i + (t in kept) for i, t in enumerate(seq) if t in stops), len(seq))
-            texts.append(self.tokenizer.decode(seq[:cut]).strip())
+            key = tuple(seq[:cut])
+            if key not in decoded:
+                decoded[key] = self.tokenizer.decode(key).strip()
+            texts.append(decoded[key])
         return texts
 
 
