@@ -40,12 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# No Avalanche import on this path: a bare GPU machine runs the benchmark with torch and
+# transformers alone.
+import protocols.quickdraw  # noqa: E402,F401  (registers the QuickDraw protocols)
 from harness import data as data_mod  # noqa: E402
+from harness.batches import TensorBatches  # noqa: E402
 from harness.nn import vlm as V  # noqa: E402
 from harness.nn.vlm.model import _returned_cache  # noqa: E402
-from harness.method import TensorBatches  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
-from harness.registry import discover  # noqa: E402
 
 LANDED = "36bd2cd"  # main before the speed work: fp32, mask, strided LM head, prompt recomputed
 
@@ -93,9 +95,9 @@ def random_stack(in_channels: int, visual_tokens: int, image_size: int) -> V.Vis
 def landed_stack(ref: str, current: V.VisionLanguageModel, question: str):
     """The VisionLanguageModel of commit `ref` around the same encoder, LM (float32, as that code
     ran it) and tokenizer, with a copy of the current initial projection; None without git."""
-    try:
-        src = subprocess.run(["git", "show", f"{ref}:harness/vlm.py"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+    try:  # a file (carried to a machine without the git history) or a git revision
+        src = Path(ref).read_text() if Path(ref).is_file() else subprocess.run(
+            ["git", "show", f"{ref}:harness/vlm.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"landed code at {ref} not readable ({exc}): no comparison")
         return None
@@ -118,25 +120,32 @@ def main(argv=None) -> None:
     ap.add_argument("--question", default="after_image", choices=("after_image", "before_image"), help="as gmm.question")
     ap.add_argument("--visual-tokens", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=112, help="GMM's QuickDraw setting")
-    ap.add_argument("--batch", type=int, default=16, help="training batch (GMM's default)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="training batches to time (GMM's default: 16)")
     ap.add_argument("--lr", type=float, default=3e-3, help="high enough that answers are sentences after --steps")
     ap.add_argument("--steps", type=int, default=40, help="timed training steps (current code)")
     ap.add_argument("--landed-steps", type=int, default=8, help="timed training steps (landed code)")
-    ap.add_argument("--eval-batch", type=int, default=256, help="current code (GMM's default)")
-    ap.add_argument("--landed-eval-batch", type=int, default=64, help="landed code (its default)")
+    ap.add_argument("--landed-batch", type=int, nargs="+", default=None, help="training batches for the landed code "
+                    "(default: --batch; its float32 activations need twice the memory)")
+    ap.add_argument("--eval-batch", type=int, nargs="+", default=[256], help="current code (GMM's default: 256)")
+    ap.add_argument("--landed-eval-batch", type=int, nargs="+", default=[64], help="landed code (its default: 64)")
     ap.add_argument("--encoder-batch", type=int, default=256, help="images per encoder call")
-    ap.add_argument("--images", type=int, default=256, help="test images for encoder and eval timing")
+    ap.add_argument("--images", type=int, default=256, help="test images for eval timing (the test set's "
+                    "features repeated where it has fewer)")
     ap.add_argument("--ref-images", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--baseline", default=LANDED, help="git revision to compare with ('' skips it)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default 16; with --random-weights the answers' own length (a random LM never writes a "
+                    "sentence end, a trained one stops there)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the LM's MLPs and norms "
+                    "(VisionLanguageModel.compile_pointwise); the first step of each shape pays the compilation")
+    ap.add_argument("--baseline", default=LANDED, help="git revision, or a copy of its harness/vlm.py, to compare "
+                    "with ('' skips it)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     gemm_start = gemm_gflops(dev)
-    discover()
     data = data_mod.prepare(get_protocol("quickdraw20_2x10"))
-    n = args.batch * (args.steps + 1)
+    n = max(args.batch) * (args.steps + 1)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.train.targets), generator=g)[:n]
     x = torch.stack([data.train[int(i)][0] for i in idx])
@@ -152,6 +161,8 @@ def main(argv=None) -> None:
     vlm.set_question("What is this drawing of?", before_image=args.question == "before_image")
     vlm.to(dev)
     old = landed_stack(args.baseline, vlm, "What is this drawing of?") if args.baseline else None
+    if args.compile:
+        print(f"compiled {vlm.compile_pointwise()} LM modules (MLPs and norms)", flush=True)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" stack {'random weights' if args.random_weights else 'offline'}, LM {vlm.lm_dtype}, question "
           f"{args.question}, loaded in {time.perf_counter() - t:.1f}s", flush=True)
@@ -162,7 +173,7 @@ def main(argv=None) -> None:
         with amp:
             return torch.cat([vlm.encoder.eval()(c.to(dev)).float() for c in images.split(args.encoder_batch)])
 
-    encode(x[: args.encoder_batch])  # warm-up at the timed shape (oneDNN builds kernels per shape)
+    encode(xt)  # warm-up at the timed shapes (oneDNN builds kernels per shape, CUDA loads them on first use)
     sync(dev)
     t = time.perf_counter()
     test_feats = encode(xt)
@@ -171,17 +182,20 @@ def main(argv=None) -> None:
     feats = encode(x)
     print(f"encoder     {enc_rate:9.1f} images/s  ({args.image_size}px, {args.visual_tokens} visual tokens, "
           f"batch {args.encoder_batch})", flush=True)
+    # A small test set (or a large GPU batch) repeats features: the speed is the same.
+    feats, y = feats[torch.arange(n) % len(feats)], y[torch.arange(n) % len(y)]
+    test_feats, yt = test_feats[torch.arange(args.images) % len(test_feats)], yt[torch.arange(args.images) % len(yt)]
 
     answers = vlm.answer_ids([V.answer_sentence("drawing", c) for c in data.class_names])
+    if args.max_new_tokens is None:  # a trained model stops at the sentence end, inside its answer's length
+        args.max_new_tokens = int((answers >= 0).sum(1).max()) if args.random_weights else 16
 
-    # Batches as each code forms them: the landed GMM shuffled; this one groups answers of one
-    # length (TensorBatches with lengths, as methods/gmm.py does).
-    torch.manual_seed(0)
-    batch_order = {"landed": [b[1] for b in TensorBatches(torch.arange(n), torch.arange(n), args.batch, shuffle=True)],
-                   "current": [b[1] for b in TensorBatches(torch.arange(n), torch.arange(n), args.batch, shuffle=True,
-                                                           lengths=(answers[y] >= 0).sum(1))]}
-
-    def train(model, steps: int, order: list[torch.Tensor]) -> float:
+    def train(model, steps: int, batch: int, grouped: bool) -> float:
+        # Batches as each code forms them: the landed GMM shuffled; this one groups answers of one
+        # length (TensorBatches with lengths, as methods/gmm.py does).
+        torch.manual_seed(0)
+        order = [b[1] for b in TensorBatches(torch.arange(n), torch.arange(n), batch, shuffle=True,
+                                             lengths=(answers[y] >= 0).sum(1) if grouped else None)]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
         model.train()
 
@@ -202,15 +216,18 @@ def main(argv=None) -> None:
         for i in range(steps):
             loss = step(i + 1)
         sync(dev)
-        rate = steps * args.batch / (time.perf_counter() - t)
-        print(f"train       {rate:9.1f} samples/s  [{model.stack_name}] batch {args.batch}, last loss {loss:.2f}",
-              flush=True)
+        rate = steps * batch / (time.perf_counter() - t)
+        print(f"train       {rate:9.1f} samples/s  [{model.stack_name}] batch {batch}, last loss {loss:.2f}", flush=True)
         return rate
 
-    rates = {}
-    if old is not None:
-        rates["train_landed"] = train(old, args.landed_steps, batch_order["landed"])
-    rates["train"] = train(vlm, args.steps, batch_order["current"])
+    rates: dict[str, dict[int, float]] = {"train": {}, "train_landed": {}, "eval": {}, "eval_landed": {}, "bare": {}}
+    init = copy.deepcopy(vlm.proj.state_dict())
+    for b in args.batch:  # each batch size trains from the same initial projection
+        if old is not None and b in (args.landed_batch or args.batch):
+            old.proj.load_state_dict(init)
+            rates["train_landed"][b] = train(old, args.landed_steps, b, grouped=False)
+        vlm.proj.load_state_dict(init)
+        rates["train"][b] = train(vlm, args.steps, b, grouped=True)  # the last one is evaluated
 
     class_emb = vlm.text_encoder(data.class_names)
 
@@ -233,30 +250,36 @@ def main(argv=None) -> None:
               flush=True)
         return rate, texts
 
-    rates["eval"], texts = evaluate(vlm, args.eval_batch)
-    if old is not None:
-        old.proj.load_state_dict(vlm.proj.state_dict())
-        rates["eval_landed"], _ = evaluate(old, args.landed_eval_batch)
+    def bare_loop(batch: int, texts: list[str]) -> float:
+        """The LM alone, as many tokens per image as the prompt (less the reused constant
+        prefix) and the answers took."""
+        prompt_len = args.visual_tokens + len(vlm.prompt_ids[1]) + (0 if vlm.reuse_prefix else len(vlm.prompt_ids[0]))
+        answer_len = sum(len(vlm.tokenizer.encode(s)) for s in texts) / len(texts) + 1  # + the stop token
+        steps = min(args.max_new_tokens, max(1, round(answer_len)))
+        ids = torch.randint(0, 1000, (batch, prompt_len), device=dev)
+        with torch.no_grad(), amp:
+            vlm.lm(input_ids=ids[:2], use_cache=True, logits_to_keep=1)  # warm-up
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(-(-len(test_feats) // batch)):
+                out = vlm.lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+                for _ in range(steps - 1):
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                    out = vlm.lm(input_ids=tok, use_cache=True, logits_to_keep=1,
+                                 **{vlm._cache_kw: _returned_cache(out)})
+            sync(dev)
+            rate = len(test_feats) / (time.perf_counter() - t)
+        print(f"bare        {rate:9.1f} images/s  (the LM alone: batch {batch}, {prompt_len}-token prompt, "
+              f"{steps} tokens generated)", flush=True)
+        return rate
 
-    # The bare loop: the LM alone, as many tokens per image as the prompt (less the reused
-    # constant prefix) and the answers took.
-    prompt_len = args.visual_tokens + len(vlm.prompt_ids[1]) + (0 if vlm.reuse_prefix else len(vlm.prompt_ids[0]))
-    answer_len = sum(len(vlm.tokenizer.encode(s)) for s in texts) / len(texts) + 1  # + the stop token
-    steps = max(1, round(answer_len))
-    ids = torch.randint(0, 1000, (args.eval_batch, prompt_len), device=dev)
-    with torch.no_grad(), amp:
-        vlm.lm(input_ids=ids[:2], use_cache=True, logits_to_keep=1)  # warm-up
-        sync(dev)
-        t = time.perf_counter()
-        for _ in range(-(-len(test_feats) // args.eval_batch)):
-            out = vlm.lm(input_ids=ids, use_cache=True, logits_to_keep=1)
-            for _ in range(steps - 1):
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = vlm.lm(input_ids=tok, use_cache=True, logits_to_keep=1, **{vlm._cache_kw: _returned_cache(out)})
-        sync(dev)
-        bare = len(test_feats) / (time.perf_counter() - t)
-    print(f"bare        {bare:9.1f} images/s  (the LM alone: batch {args.eval_batch}, {prompt_len}-token prompt, "
-          f"{steps} tokens generated)")
+    for b in args.eval_batch:
+        rates["eval"][b], texts = evaluate(vlm, b)
+        rates["bare"][b] = bare_loop(b, texts)
+    if old is not None:
+        old.proj.load_state_dict(vlm.proj.state_dict())  # same answers, same lengths
+        for b in args.landed_eval_batch:
+            rates["eval_landed"][b], _ = evaluate(old, b)
 
     if args.ref_images:
         with torch.no_grad(), amp:
@@ -266,15 +289,20 @@ def main(argv=None) -> None:
             sync(dev)
         ref = args.ref_images / (time.perf_counter() - t)
         print(f"reference   {ref:9.3f} images/s  (one image at a time, 300 new tokens, no early stop); "
-              f"eval / reference: {rates['eval'] / ref:.0f}x")
+              f"eval / reference: {max(rates['eval'].values()) / ref:.0f}x")
 
     print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
-    print(f"summary ({dev}): train {rates['train']:.1f} samples/s, eval {rates['eval']:.1f} images/s "
-          f"({rates['eval'] / bare:.2f} of the bare decode loop's {bare:.1f})")
+    tb, eb = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
+    print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
+          f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "
+          f"{rates['bare'][eb]:.1f})")
     if old is not None:
-        print(f"landed code ({args.baseline}): train {rates['train_landed']:.1f} samples/s, eval "
-              f"{rates['eval_landed']:.1f} images/s -> speed-up x{rates['train'] / rates['train_landed']:.2f} train, "
-              f"x{rates['eval'] / rates['eval_landed']:.2f} eval")
+        ltb = max(rates["train_landed"], key=rates["train_landed"].get)
+        leb = max(rates["eval_landed"], key=rates["eval_landed"].get)
+        print(f"landed code ({args.baseline}): train {rates['train_landed'][ltb]:.1f} samples/s (batch {ltb}), eval "
+              f"{rates['eval_landed'][leb]:.1f} images/s (batch {leb}) -> speed-up "
+              f"x{rates['train'][tb] / rates['train_landed'][ltb]:.2f} train, "
+              f"x{rates['eval'][eb] / rates['eval_landed'][leb]:.2f} eval (each code at its best batch above)")
 
 
 if __name__ == "__main__":
