@@ -75,6 +75,9 @@ class MAECIL(RehearsalMethod):
         "dim": Param(384, "ViT width", low=8),
         "depth": Param(6, "ViT blocks", low=2),
         "heads": Param(12, "attention heads", low=1),
+        "attention": Param("plain", "encoder attention: plain multi-head, or ConViT's gated positional "
+                           "self-attention (gpsa, the reference code's encoder), initialised local",
+                           choices=("plain", "gpsa")),
         "decoder_dim": Param(0, "MAE decoder width; 0 = the ViT's (the reference's)", low=0),
         "decoder_depth": Param(1, "MAE decoder blocks", low=1),
         "shallow_block": Param(2, "block whose tokens feed the shallow (bilateral) branch (the reference's 2nd)",
@@ -136,7 +139,7 @@ class MAECIL(RehearsalMethod):
         return MaskedViT(channels=p.channels, image_size=p.image_size, patch=patch, dim=hp["dim"],
                          depth=hp["depth"], heads=hp["heads"], decoder_dim=hp["decoder_dim"],
                          decoder_depth=hp["decoder_depth"], shallow_block=hp["shallow_block"],
-                         bilateral=hp["bilateral"])
+                         bilateral=hp["bilateral"], attention=hp["attention"])
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])

@@ -323,3 +323,31 @@ def test_the_reconstruction_loss_can_be_limited_to_real_rows():
     assert torch.allclose(limited["recon"], first_two["recon"])
     none = mae_losses(model, images, 12, targets=torch.zeros(4, dtype=torch.bool))
     assert none["recon"] == 0 and none["detail"] == 0 and none["view"].shape == images.shape
+
+
+def test_gated_positional_attention_starts_local_and_sees_only_the_given_patches_positions():
+    """mae_cil.attention=gpsa (ConViT's): at initialisation each head's positional attention
+    peaks on its own neighbourhood offset; an exemplar's kept patches are encoded by their
+    own relative positions, so their order does not matter and all patches in order equal
+    the whole image."""
+    from harness.nn.mae import GPSABlock, random_keep, relative_positions
+
+    block = GPSABlock(dim=32, heads=4, mlp_ratio=2.0)
+    rel = relative_positions(7)  # 7 x 7 patches; patch 24 is the centre (3, 3)
+    positional = block.pos_proj(rel[24]).softmax(0)  # patch 24 over the 49 keys, per head
+    neighbourhoods = [set(positional[:, h].topk(4).indices.tolist()) for h in range(4)]
+    assert neighbourhoods == [{16, 17, 23, 24}, {17, 18, 24, 25}, {23, 24, 30, 31}, {24, 25, 31, 32}]
+
+    torch.manual_seed(0)
+    model = MaskedViT(channels=1, image_size=28, patch=4, **{**SMALL, "heads": 4}, attention="gpsa").eval()
+    patches = patchify(doodles(2), 4)
+    with torch.no_grad():
+        whole = model.encode(patches)[0]
+        in_order = model.encode(patches, torch.arange(49).expand(2, -1))[0]
+        torch.testing.assert_close(in_order, whole)
+        keep = random_keep(2, 49, 12, torch.Generator().manual_seed(1))
+        shuffled = keep[:, torch.randperm(12, generator=torch.Generator().manual_seed(2))]
+        visible = lambda pos: patches.gather(1, pos.unsqueeze(-1).expand(-1, -1, 16))  # noqa: E731
+        a, b = model.encode(visible(keep), keep)[0], model.encode(visible(shuffled), shuffled)[0]
+    torch.testing.assert_close(a[:, 0], b[:, 0])  # the class token does not depend on the patches' order
+    assert not torch.allclose(a[:, 0], whole[:, 0])  # and it is not the whole image's

@@ -74,10 +74,65 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList
     )
 
 
+class GPSABlock(nn.Module):
+    """A pre-norm Transformer block whose attention is ConViT's gated positional self-attention
+    (d'Ascoli et al., 2021; the encoder of MAE-CIL's reference code): each head mixes content
+    attention with a positional attention softmax(w_h . (dx, dy, dx^2 + dy^2)), by a learned
+    gate sigmoid(g_h). Initialised local, each head attends around its own offset of a
+    sqrt(heads) x sqrt(heads) grid, like a convolution, and may learn to look further: the
+    inductive bias a ViT lacks on a few hundred images.
+
+    Our adaptation to a class token present from the first block (ConViT adds it after its
+    local blocks; MAE-CIL's shallow branch reads it at block 2): the class token attends by
+    content only, and patch tokens' positional attention covers patches, not the class token.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, locality_strength: float = 1.0):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, heads)
+        self.gate = nn.Parameter(torch.ones(heads))  # sigmoid(1) = 0.73 positional at the start
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        kernel = max(1, math.isqrt(heads))
+        center = (kernel - 1) / 2
+        with torch.no_grad():  # score -|(dx, dy) - o_h|^2 + const: head h attends around o_h = (h % k - c, h // k - c)
+            self.pos_proj.weight.zero_()
+            self.pos_proj.bias.zero_()
+            for h in range(min(heads, kernel * kernel)):
+                self.pos_proj.weight[h] = torch.tensor([2 * (h % kernel - center), 2 * (h // kernel - center), -1.0])
+            self.pos_proj.weight.mul_(locality_strength)
+
+    def forward(self, t: Tensor, rel: Tensor) -> Tensor:
+        """t: (B, 1 + n, D), class token first; rel: (B, n, n, 3) relative positions of the patches."""
+        b, length, d = t.shape
+        h = self.norm1(t)
+        q, k = self.qk(h).reshape(b, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        v = self.v(h).reshape(b, length, self.heads, d // self.heads).transpose(1, 2)
+        content = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)  # (B, H, L, L)
+        positional = F.pad(self.pos_proj(rel).permute(0, 3, 1, 2).softmax(-1), (1, 0))  # (B, H, n, L), class key 0
+        gate = torch.sigmoid(self.gate).view(1, -1, 1, 1)
+        attn = torch.cat([content[:, :, :1], (1 - gate) * content[:, :, 1:] + gate * positional], 2)
+        t = t + self.proj((attn @ v).transpose(1, 2).reshape(b, length, d))
+        return t + self.mlp(self.norm2(t))
+
+
+def relative_positions(grid: int) -> Tensor:
+    """(n, n, 3) float: (dx, dy, dx^2 + dy^2) from patch i to patch j of a grid x grid image."""
+    idx = torch.arange(grid * grid)
+    x, y = (idx % grid).float(), (idx // grid).float()
+    dx, dy = x[None, :] - x[:, None], y[None, :] - y[:, None]
+    return torch.stack([dx, dy, dx ** 2 + dy ** 2], -1)
+
+
 class MaskedViT(nn.Module):
     def __init__(self, *, channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
                  decoder_dim: int = 0, decoder_depth: int = 1, shallow_block: int = 2, bilateral: bool = True,
-                 mlp_ratio: float = 2.0, high_pass_radius: float = 2.0, shallow_share: float = 0.2):
+                 mlp_ratio: float = 2.0, high_pass_radius: float = 2.0, shallow_share: float = 0.2,
+                 attention: str = "plain"):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
@@ -92,7 +147,12 @@ class MaskedViT(nn.Module):
         self.embed = nn.Linear(self.patch_dim, dim)
         self.pos = nn.Parameter(torch.randn(1, self.num_patches, dim) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = _blocks(dim, depth, heads, mlp_ratio)
+        if attention not in ("plain", "gpsa"):
+            raise ValueError(f"attention must be plain or gpsa, not {attention!r}")
+        self.gpsa = attention == "gpsa"
+        self.blocks = nn.ModuleList(GPSABlock(dim, heads, mlp_ratio) for _ in range(depth)) if self.gpsa else \
+            _blocks(dim, depth, heads, mlp_ratio)
+        self.register_buffer("rel", relative_positions(image_size // patch), persistent=False)
         self.norm = nn.LayerNorm(dim)
         if bilateral:
             self.shallow_width = max(1, round(dim * shallow_share))
@@ -118,9 +178,16 @@ class MaskedViT(nn.Module):
         if positions is not None:
             pos = pos.gather(1, positions.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
         t = torch.cat([self.cls.expand(len(patches), -1, -1), self.embed(patches) + pos], 1)
+        rel = None
+        if self.gpsa:
+            rel = self.rel.expand(len(patches), -1, -1, -1)
+            if positions is not None:  # the relative positions among the given patches only
+                kept = positions.shape[1]
+                rows = self.rel[positions]  # (B, kept, n, 3)
+                rel = rows.gather(2, positions[:, None, :, None].expand(-1, kept, -1, 3))
         shallow = None
         for i, block in enumerate(self.blocks, 1):
-            t = block(t)
+            t = block(t, rel) if self.gpsa else block(t)
             if i == self.shallow_block and self.bilateral:
                 shallow = self.shallow_expand(t[..., : self.shallow_width].detach())
         return self.norm(t), shallow
