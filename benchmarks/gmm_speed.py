@@ -21,6 +21,10 @@ of one length); both evaluate the projection that "current" trained (copied), so
 answers have the same length; each uses its own default evaluation batch.
 
     python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 40]
+        [--batch 16 [256 ...]] [--eval-batch 256 [32768 ...]] [--compile] [--question before_image]
+
+On a GPU the batch sizes decide the figures (a step's fixed cost bounds small batches):
+results/reference/h200/README.md has the commands and output of one H200.
 
 --random-weights builds the same shapes without the packaged weights (for machines where
 the 500 MB converted LM cannot travel): the same speed, meaningless answers.
@@ -301,7 +305,7 @@ def main(argv=None) -> None:
     print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
           f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "
           f"{rates['bare'][eb]:.1f})")
-    if old is not None:
+    if old is not None and rates["train_landed"] and rates["eval_landed"]:
         ltb = max(rates["train_landed"], key=rates["train_landed"].get)
         leb = max(rates["eval_landed"], key=rates["eval_landed"].get)
         print(f"landed code ({args.baseline}): train {rates['train_landed'][ltb]:.1f} samples/s (batch {ltb}), eval "

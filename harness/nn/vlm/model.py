@@ -167,8 +167,8 @@ class VisionLanguageModel(nn.Module):
         """Rows per generation batch whose KV cache takes at most a quarter of `free_bytes`
         (the rest for the prefill's activations and logits), capped at `most`. On a GPU a
         decode step's fixed cost bounds small batches: on an H200 SmolLM2-135M answers 0.8k
-        images/s at 256 rows, 9.4k at 8,192 and 16.4k at 32,768 (benchmarks/gmm_speed.py, README);
-        a 7B LLaVA's ~600 tokens per row get a few hundred rows."""
+        images/s at 256 rows and 15.0k at 32,768 (benchmarks/gmm_speed.py, README); a 7B
+        LLaVA's ~600 tokens per row get a few hundred rows."""
         tokens = sum(len(p) for p in self.prompt_ids) + visual_tokens + max_new_tokens
         return int(max(1, min(most, free_bytes // 4 // (tokens * self.kv_bytes_per_token()))))
 
