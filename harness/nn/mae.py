@@ -152,7 +152,8 @@ class MaskedViT(nn.Module):
         self.gpsa = attention == "gpsa"
         self.blocks = nn.ModuleList(GPSABlock(dim, heads, mlp_ratio) for _ in range(depth)) if self.gpsa else \
             _blocks(dim, depth, heads, mlp_ratio)
-        self.register_buffer("rel", relative_positions(image_size // patch), persistent=False)
+        if self.gpsa:  # the patches' relative positions, which GPSA's positional attention reads
+            self.register_buffer("rel", relative_positions(image_size // patch), persistent=False)
         self.norm = nn.LayerNorm(dim)
         if bilateral:
             self.shallow_width = max(1, round(dim * shallow_share))
