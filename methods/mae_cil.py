@@ -39,7 +39,7 @@ from torch import nn
 
 from harness.cil.distill import frozen_copy, softmax_kd
 from harness.errors import HarnessError
-from harness.nn.mae import MaskedViT, mae_losses, patchify, random_keep
+from harness.nn.mae import MaskedViT, mae_losses, patchify, random_keep, soft_threshold
 from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
 from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
@@ -88,6 +88,9 @@ class MAECIL(RehearsalMethod):
                                  "false = on the task's real images only"),
         "recon_loss": Param("mse", "reconstruction loss on the masked pixels: MSE (the reference's; its optimum "
                             "is the mean, grey where a stroke is uncertain) or L1 (the median)", choices=("mse", "l1")),
+        "threshold": Param(0.0, "decoder-filled pixels of rebuilt exemplars (and of replay_view) are "
+                           "soft-thresholded here, max(0, v - t) / (1 - t): takes out the haze an MSE decoder "
+                           "paints where unsure, on ink-on-empty images (0 = off)", low=0.0, high=0.99),
         "detail": Param(0.02, "weight of the detail loss", low=0.0),
         "kd": Param(1.0, "multiplier of the distillation term, itself weighted by old / seen classes", low=0.0),
         "temperature": Param(2.0, "distillation temperature", low=1e-3),
@@ -224,8 +227,9 @@ class MAECIL(RehearsalMethod):
         for chunk in items.split(self.eval_mb_size):
             positions = chunk[..., 0].long().to(self.device)
             patches = to_float(chunk[..., 1:]).to(self.device)
-            image = self.model.reconstruct(patches, positions)["image"]
-            out.append(self.model.paste(image, patches, positions).clamp_(0, 1).cpu())
+            image = soft_threshold(self.model.reconstruct(patches, positions)["image"].clamp(0, 1),
+                                   self.hp["threshold"])
+            out.append(self.model.paste(image, patches, positions).cpu())
         self.model.train(was_training)
         return torch.cat(out)
 
@@ -238,7 +242,7 @@ class MAECIL(RehearsalMethod):
         share = 0.0 if teacher is None else teacher.shape[1] / self.mb_output.shape[1]
         real = None if hp["recon_on_replay"] or teacher is None else self.mb_y >= teacher.shape[1]
         aux = mae_losses(self.model, self.mb_x, self.keep, view=hp["replay_view"], recon_loss=hp["recon_loss"],
-                         targets=real)
+                         targets=real, threshold=hp["threshold"])
         new = F.cross_entropy(self.mb_output, self.mb_y) + hp["recon"] * aux["recon"]
         if "detail" in aux:
             new = new + hp["detail"] * aux["detail"]

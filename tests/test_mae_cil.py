@@ -5,7 +5,7 @@ import torch
 
 from harness.cli import main
 from protocols.quickdraw import load_quickdraw
-from harness.nn.mae import MaskedViT, high_pass, mae_losses, patchify, unpatchify
+from harness.nn.mae import MaskedViT, high_pass, mae_losses, patchify, random_keep, soft_threshold, unpatchify
 from harness.method import MethodContext
 from harness.params import resolve_params
 from harness.protocol import get_protocol
@@ -311,6 +311,38 @@ def test_rebuilt_exemplars_keep_most_of_the_accuracy_of_the_real_images():
     assert r["ratio"] >= MIN_RATIO, r
     # Rebuilt strokes are no rarer than real ones: the decoder draws, it does not only fill with grey.
     assert r["grey_share"] >= 0.5 * r["grey_share_real"], r
+
+
+def test_soft_threshold_zeroes_faint_values_and_keeps_the_order_of_the_rest():
+    x = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.6, 1.0])
+    assert torch.equal(soft_threshold(x, 0.0), x)
+    y = soft_threshold(x, 0.2)
+    assert torch.equal(y[:3], torch.zeros(3)) and torch.allclose(y[3:], torch.tensor([0.125, 0.5, 1.0]))
+
+
+def test_a_threshold_applies_to_decoder_filled_pixels_of_exemplars_and_views_alike():
+    torch.manual_seed(0)
+    m = make_method(("threshold", "0.2"))
+    m.model.eval()
+    images = doodles(4)
+    items = m.encode_exemplars(images, torch.Generator().manual_seed(5))
+    positions, kept = items[..., 0].long(), items[..., 1:].float() / 255
+    with torch.no_grad():
+        raw = m.model.reconstruct(kept, positions)["image"].clamp(0, 1)
+    rebuilt = m.rebuild(items)
+    assert torch.allclose(rebuilt, m.model.paste((raw - 0.2).clamp_min(0) / 0.8, kept, positions), atol=1e-6)
+    filled = torch.ones(4, 49, dtype=torch.bool).scatter_(1, positions, False)
+    faint = patchify(raw, 4)[filled] < 0.2
+    assert faint.any() and (patchify(rebuilt, 4)[filled][faint] == 0).all()
+    # The replay view of a training batch is made the same way: kept patches exact, the rest thresholded.
+    with torch.no_grad():
+        view = mae_losses(m.model, images, m.keep, torch.Generator().manual_seed(7), threshold=0.2)["view"]
+        plain = mae_losses(m.model, images, m.keep, torch.Generator().manual_seed(7))["view"]
+    shown = torch.zeros(4, 49, dtype=torch.bool).scatter_(1, random_keep(4, 49, m.keep, torch.Generator().manual_seed(7)), True)
+    v, p, real = patchify(view, 4), patchify(plain, 4), patchify(images, 4)
+    assert torch.allclose(v[shown], real[shown], atol=1e-6)
+    assert torch.allclose(v[~shown], soft_threshold(p[~shown], 0.2), atol=1e-6)
+    assert not torch.allclose(v[~shown], p[~shown])
 
 
 def test_the_reconstruction_loss_can_be_limited_to_real_rows():

@@ -60,6 +60,17 @@ def high_pass(x: Tensor, radius: float) -> Tensor:
     return torch.fft.ifft2(torch.fft.fft2(x.float()) * keep).real.to(x.dtype)
 
 
+def soft_threshold(x: Tensor, threshold: float) -> Tensor:
+    """max(0, x - t) / (1 - t): values under `t` become 0, the rest keep their order and reach 1 at 1.
+
+    An MSE decoder paints the expected value where it is unsure, a faint haze; on images of ink
+    on an empty background this takes the haze out and keeps the strokes it is sure of.
+    """
+    if threshold <= 0:
+        return x
+    return (x - threshold).clamp_min(0) / (1 - threshold)
+
+
 def random_keep(batch: int, n: int, keep: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     """(batch, keep) positions of the patches each sample keeps (MAE's random masking), sorted."""
     noise = torch.rand(batch, n, generator=generator, device=device)
@@ -244,10 +255,12 @@ class MaskedViT(nn.Module):
 
 
 def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Generator | None = None,
-               view: bool = True, recon_loss: str = "mse", targets: Tensor | None = None) -> dict[str, Tensor]:
+               view: bool = True, recon_loss: str = "mse", targets: Tensor | None = None,
+               threshold: float = 0.0) -> dict[str, Tensor]:
     """The losses of a batch: "recon", pixel MSE (or L1) on the masked patches (0 when none is masked);
     with the bilateral part "detail", L1 between the detail image and its target; and "view",
-    the batch as replayed exemplars would look (no gradient). `targets` (a boolean row mask)
+    the batch as replayed exemplars would look (no gradient; decoder-filled pixels soft-thresholded
+    at `threshold`, as `rebuild` does). `targets` (a boolean row mask)
     limits the reconstruction and detail losses to those rows (e.g. real images, not rebuilt ones).
 
     The detail target, as in the reference code: the high-passed difference between the deep
@@ -278,5 +291,6 @@ def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Gen
         losses["detail"] = F.l1_loss(out["detail"][rows], detail_target[rows]) if rows.any() else pred.sum() * 0
     # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
     if view:
-        losses["view"] = model.paste(out["image"].detach(), visible, positions).clamp(0, 1)
+        filled = soft_threshold(out["image"].detach().clamp(0, 1), threshold)
+        losses["view"] = model.paste(filled, visible, positions)
     return losses
