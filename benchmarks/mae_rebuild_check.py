@@ -1,8 +1,8 @@
 """MAE-CIL's rebuilt exemplars against the real images they stand for.
 
 Trains MAE-CIL (methods/mae_cil.py) through the first tasks of a protocol, then takes the
-test images of every class seen, keeps a random 25% of each one's patches exactly as an
-exemplar is stored, rebuilds it with the decoder, and prints:
+test images of every class seen, keeps a random share of each one's patches (1 - mask_ratio)
+exactly as an exemplar is stored, rebuilds it with the decoder, and prints:
 - background: the mean rebuilt value of decoder-filled pixels that are 0 in the real
   image (QuickDraw's background is 0; grey haze shows as a high value);
 - grey share: decoder-filled pixels in [0.25, 0.75], against the real images' share;

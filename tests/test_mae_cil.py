@@ -12,12 +12,13 @@ from harness.protocol import get_protocol
 from harness.registry import METHODS, discover
 
 SMALL = dict(dim=32, depth=3, heads=2, decoder_depth=1)
+PAPER_MASK = ("mask_ratio", "0.75")  # the paper's 25%-patch exemplars (QuickDraw's default keeps half)
 
 
 def make_method(*overrides):
     discover()
     cls, protocol = METHODS.get("mae_cil"), get_protocol("quickdraw20_2x10")
-    sets = [("mae_cil", k, str(v)) for k, v in SMALL.items()] + [("mae_cil", k, v) for k, v in overrides]
+    sets = [("mae_cil", k, str(v)) for k, v in SMALL.items()] + [("mae_cil", k, v) for k, v in (PAPER_MASK, *overrides)]
     hp, _ = resolve_params(cls, protocol.family, sets)
     return cls(context=MethodContext(protocol, [str(i) for i in range(20)], torch.device("cpu"), 0, quiet=True), hp=hp)
 
@@ -66,6 +67,16 @@ def test_an_exemplar_stores_a_quarter_of_the_patches_plus_positions():
         assert torch.equal(items[i, :, 1:], full[i, pos])
     # Equal bytes hold about 4x the exemplars of whole images.
     assert 28 * 28 / m.item_bytes > 3.5
+
+
+def test_quickdraw_exemplars_keep_half_the_patches_by_default():
+    discover()
+    cls = METHODS.get("mae_cil")
+    hp, _ = resolve_params(cls, "quickdraw", [])
+    assert hp["mask_ratio"] == 0.5 and hp["kd"] == 0.25  # chosen on quickdraw40_4x10 (README)
+    m = make_method(("mask_ratio", "0.5"))
+    items = m.encode_exemplars(doodles(3), torch.Generator().manual_seed(0))
+    assert m.keep == 25 and items.shape == (3, 25, 17) and m.item_bytes == 25 * 17
 
 
 def test_reconstruction_from_stored_patches_improves_as_the_mae_trains():
@@ -144,6 +155,7 @@ def run_mae(out, *extra) -> dict:
     args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--epochs", "1",
             "--max-train-per-class", "16", "--quiet", "--device", "cpu", "--out", out,
             *[a for k, v in SMALL.items() for a in ("--set", f"mae_cil.{k}={v}")], "--set", "mae_cil.warmup_epochs=0",
+            "--set", "mae_cil.mask_ratio=0.75",
             *extra]
     assert main([str(a) for a in args]) == 0
     summaries = list((out / "quickdraw20_2x10+maxtrain=16").glob("mae_cil*/seed0/summary.json"))
@@ -338,7 +350,8 @@ def test_a_threshold_applies_to_decoder_filled_pixels_of_exemplars_and_views_ali
     with torch.no_grad():
         view = mae_losses(m.model, images, m.keep, torch.Generator().manual_seed(7), threshold=0.2)["view"]
         plain = mae_losses(m.model, images, m.keep, torch.Generator().manual_seed(7))["view"]
-    shown = torch.zeros(4, 49, dtype=torch.bool).scatter_(1, random_keep(4, 49, m.keep, torch.Generator().manual_seed(7)), True)
+    positions = random_keep(4, 49, m.keep, torch.Generator().manual_seed(7))
+    shown = torch.zeros(4, 49, dtype=torch.bool).scatter_(1, positions, True)
     v, p, real = patchify(view, 4), patchify(plain, 4), patchify(images, 4)
     assert torch.allclose(v[shown], real[shown], atol=1e-6)
     assert torch.allclose(v[~shown], soft_threshold(p[~shown], 0.2), atol=1e-6)
