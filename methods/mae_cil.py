@@ -7,7 +7,7 @@ Exemplars are a random 1 - mask_ratio of an image's patches plus their positions
 images: one uint8 tensor per exemplar of shape (kept patches, 1 + P*P*C), the position
 index in column 0. At 28 px with patch 4 the paper's 25% is 12 x 17 = 204 bytes against 784
 for the image, so a byte budget holds ~3.8x more exemplars than iCaRL's; QuickDraw's default,
-half the patches, is 25 x 17 = 425 bytes (~1.8x). The budget is
+half the patches, is 24 x 17 = 408 bytes (~1.9x). The budget is
 `mae_cil.memory_bytes` (default: the bytes of 2000 full uint8 images, iCaRL's memory).
 Which images are kept: herding on the model's features (as the paper); which patches:
 random, from a generator seeded by the run seed and the class.
