@@ -1,7 +1,8 @@
 """MAE-CIL: Masked Autoencoders are Efficient Class Incremental Learners (Zhai et al., ICCV 2023).
 
 Model (harness/nn/mae.py): a ViT that classifies and, with a decoder of its own width,
-reconstructs masked images (mask ratio 0.75, pixel MSE on the masked patches), trained jointly.
+reconstructs masked images (the paper's mask ratio 0.75, 0.5 on QuickDraw; pixel MSE on the masked
+patches), trained jointly.
 
 Exemplars are a random 1 - mask_ratio of an image's patches plus their positions, not whole
 images: one uint8 tensor per exemplar of shape (kept patches, 1 + P*P*C), the position
@@ -94,7 +95,8 @@ class MAECIL(RehearsalMethod):
                             "is the mean, grey where a stroke is uncertain) or L1 (the median)", choices=("mse", "l1")),
         "threshold": Param(0.0, "decoder-filled pixels of rebuilt exemplars (and of replay_view) are "
                            "soft-thresholded here, max(0, v - t) / (1 - t): takes out the haze an MSE decoder "
-                           "paints where unsure, on ink-on-empty images (0 = off)", low=0.0, high=0.99),
+                           "paints where unsure, on ink-on-empty images, with the strokes it is unsure of (0 = off; "
+                           "on QuickDraw it costs accuracy, README)", low=0.0, high=0.99),
         "detail": Param(0.02, "weight of the detail loss", low=0.0),
         "kd": Param(1.0, "multiplier of the distillation term, itself weighted by old / seen classes", low=0.0),
         "temperature": Param(2.0, "distillation temperature", low=1e-3),
