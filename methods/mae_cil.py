@@ -43,7 +43,7 @@ from torch import nn
 
 from harness.cil.distill import frozen_copy, softmax_kd
 from harness.errors import HarnessError
-from harness.nn.mae import MaskedViT, mae_losses, patchify, random_keep, soft_threshold
+from harness.nn.mae import MaskedViT, mae_losses, patchify, random_keep
 from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
 from harness.method import TRAINING_PARAMS, materialise
 from harness.params import Param
@@ -236,9 +236,8 @@ class MAECIL(RehearsalMethod):
         for chunk in items.split(self.eval_mb_size):
             positions = chunk[..., 0].long().to(self.device)
             patches = to_float(chunk[..., 1:]).to(self.device)
-            image = soft_threshold(self.model.reconstruct(patches, positions)["image"].clamp(0, 1),
-                                   self.hp["threshold"])
-            out.append(self.model.paste(image, patches, positions).cpu())
+            image = self.model.reconstruct(patches, positions)["image"]
+            out.append(self.model.as_exemplar(image, patches, positions, self.hp["threshold"]).cpu())
         self.model.train(was_training)
         return torch.cat(out)
 

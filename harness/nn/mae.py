@@ -250,6 +250,11 @@ class MaskedViT(nn.Module):
         p.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, p.shape[-1]), patches.to(p.dtype))
         return unpatchify(p, self.patch, self.channels)
 
+    def as_exemplar(self, image: Tensor, patches: Tensor, positions: Tensor, threshold: float = 0.0) -> Tensor:
+        """A reconstruction as a replayed exemplar looks: in [0, 1], decoder-filled pixels
+        soft-thresholded at `threshold`, the known patches put back."""
+        return self.paste(soft_threshold(image.clamp(0, 1), threshold), patches, positions)
+
     def resize_head(self, n: int) -> None:
         resize_incremental_head(self.head, n)
 
@@ -291,6 +296,5 @@ def mae_losses(model: MaskedViT, images: Tensor, keep: int, generator: torch.Gen
         losses["detail"] = F.l1_loss(out["detail"][rows], detail_target[rows]) if rows.any() else pred.sum() * 0
     # What an exemplar of this image would replay as: the reconstruction, kept patches put back.
     if view:
-        filled = soft_threshold(out["image"].detach().clamp(0, 1), threshold)
-        losses["view"] = model.paste(filled, visible, positions)
+        losses["view"] = model.as_exemplar(out["image"].detach(), visible, positions, threshold)
     return losses
