@@ -29,7 +29,7 @@ README): `replay_view` also classifies (and distils) each training sample's own
 reconstruction from its kept share of patches, so "looks rebuilt" does not mean "old class";
 `classifier=nme` predicts by the nearest mean of the rebuilt exemplars of every class;
 on QuickDraw a KD multiplier of 0.25 and half the patches per exemplar (chosen on
-quickdraw40_4x10).
+quickdraw40_4x10); `refine_layers` adds a pixel refiner after the decoder (harness/nn/mae.py).
 Left out from the reference: DyTox's task tokens and per-task heads (one growing linear
 head), mixup, SAM.
 
@@ -85,6 +85,9 @@ class MAECIL(RehearsalMethod):
                            choices=("plain", "gpsa")),
         "decoder_dim": Param(0, "MAE decoder width; 0 = the ViT's (the reference's)", low=0),
         "decoder_depth": Param(1, "MAE decoder blocks", low=1),
+        "refine_layers": Param(0, "ours: dilated conv layers that correct the decoded image across patch borders, "
+                               "from the known pixels (0 = off, the reference's decoder; harness/nn/mae.py PixelRefiner)",
+                               low=0),
         "shallow_block": Param(2, "block whose tokens feed the shallow (bilateral) branch (the reference's 2nd)",
                                low=1),
         "bilateral": Param(True, "shallow branch + FFT high-pass + token fusion + detail loss"),
@@ -151,7 +154,7 @@ class MAECIL(RehearsalMethod):
         return MaskedViT(channels=p.channels, image_size=p.image_size, patch=patch, dim=hp["dim"],
                          depth=hp["depth"], heads=hp["heads"], decoder_dim=hp["decoder_dim"],
                          decoder_depth=hp["decoder_depth"], shallow_block=hp["shallow_block"],
-                         bilateral=hp["bilateral"], attention=hp["attention"])
+                         bilateral=hp["bilateral"], attention=hp["attention"], refine_layers=hp["refine_layers"])
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])

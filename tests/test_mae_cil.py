@@ -397,3 +397,52 @@ def test_gated_positional_attention_starts_local_and_sees_only_the_given_patches
         a, b = model.encode(visible(keep), keep)[0], model.encode(visible(shuffled), shuffled)[0]
     torch.testing.assert_close(a[:, 0], b[:, 0])  # the class token does not depend on the patches' order
     assert not torch.allclose(a[:, 0], whole[:, 0])  # and it is not the whole image's
+
+
+def test_inpaint_yardstick_keeps_the_kept_patches_and_fills_the_rest():
+    """benchmarks/mae_inpaint_yardstick.py: each image keeps exactly `keep` whole patches, both
+    learners return the real pixels there and their own prediction elsewhere."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mae_inpaint_yardstick.py"
+    spec = importlib.util.spec_from_file_location("mae_inpaint_yardstick", path)
+    yardstick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(yardstick)
+    torch.manual_seed(0)
+    images = doodles(4)
+    kept = yardstick.keep_mask(images, 12, torch.Generator().manual_seed(0))
+    per_patch = patchify(kept, 4)
+    assert ((per_patch == 0) | (per_patch == 1)).all() and (per_patch.amin(2) == per_patch.amax(2)).all()
+    assert per_patch[..., 0].sum(1).tolist() == [12] * 4
+    models = {"mae": MaskedViT(channels=1, image_size=28, patch=4, **SMALL, bilateral=False).eval(),
+              "convnet": yardstick.ConvInpainter(1, width=8, layers=1).eval()}
+    for learner, model in models.items():
+        with torch.no_grad():
+            out = yardstick.fill(learner, model, images, kept)
+        assert torch.equal(out[kept == 1], images[kept == 1]), learner
+        assert not torch.equal(out[kept == 0], images[kept == 0]), learner  # untrained: not the real pixels
+        assert out.min() >= 0 and out.max() <= 1
+
+
+def test_pixel_refiner_starts_as_the_identity_and_reads_known_pixels_across_patch_borders():
+    """mae_cil.refine_layers: at initialisation the reconstruction is the decoder's; once its last
+    layer is non-zero, a known pixel beside a patch border moves the filled pixel next to it,
+    and nothing beyond its reach (2 px per layer)."""
+    torch.manual_seed(0)
+    plain = MaskedViT(channels=1, image_size=28, patch=4, **SMALL).eval()
+    refined = MaskedViT(channels=1, image_size=28, patch=4, **SMALL, refine_layers=2).eval()
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    images = doodles(2)
+    positions = torch.tensor([[0, 2, 4, 6], [8, 10, 12, 14]])
+    patches = patchify(images, 4).gather(1, positions.unsqueeze(-1).expand(-1, -1, 16))
+    with torch.no_grad():
+        assert torch.equal(plain.reconstruct(patches, positions)["image"], refined.reconstruct(patches, positions)["image"])
+        torch.nn.init.normal_(refined.refine.net[-1].weight)
+        pasted, kept = images.clone(), torch.zeros_like(images)
+        kept[..., :4, :4] = 1  # patch 0 known, patch 1 (columns 4-7) filled by the decoder
+        before = refined.refine(pasted, kept)
+        pasted[0, 0, 1, 3] += 0.5  # a known pixel at patch 0's right border
+        changed = (refined.refine(pasted, kept) - before).abs()[0, 0]
+    assert changed[1, 4] > 0  # the filled pixel across the border
+    assert changed[:, 8:].max() == 0 and changed[6:].max() == 0  # 2 layers see 4 px around

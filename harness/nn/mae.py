@@ -14,7 +14,8 @@ the same encoder as whole images.
 - reconstruct(patches, positions): the decoder (one block of the encoder's width, as the
   reference code) fills the missing patches from the deep tokens; with the bilateral part,
   the shallow tokens go through the same decoder and their image, high-pass filtered with
-  an FFT, is added (image level).
+  an FFT, is added (image level). With `refine_layers` (ours), a few convolutions over that
+  image with the known patches pasted in add a correction (PixelRefiner).
 
 The shallow tokens follow the reference code (docs/methods.md): the first fifth of the
 channels after block `shallow_block`, detached, widened back by a linear layer; so the
@@ -131,6 +132,30 @@ class GPSABlock(nn.Module):
         return t + self.mlp(self.norm2(t))
 
 
+class PixelRefiner(nn.Module):
+    """Our addition (`mae_cil.refine_layers`): dilated 3x3 convolutions over the decoded image with
+    the known patches pasted in, plus the keep mask, adding a correction to the decoded image.
+
+    The decoder paints each patch by a linear layer from its token, blind to the exact pixels
+    where a visible stroke meets the patch's border; these layers see across patch borders
+    (2 x layers px each side) and can continue a stroke. The last layer
+    starts at zero: the refiner starts as the identity.
+    """
+
+    def __init__(self, channels: int, width: int, layers: int):
+        super().__init__()
+        body = [nn.Conv2d(channels * 2 + 1, width, 3, padding=1), nn.GELU()]
+        for _ in range(layers - 1):
+            body += [nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GELU()]
+        self.net = nn.Sequential(*body, nn.Conv2d(width, channels, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, pasted: Tensor, kept: Tensor) -> Tensor:
+        """pasted: the decoded image with the known patches put back; kept: 1 on known pixels."""
+        return self.net(torch.cat([pasted, pasted * kept, kept[:, :1]], 1))
+
+
 def relative_positions(grid: int) -> Tensor:
     """(n, n, 3) float: (dx, dy, dx^2 + dy^2) from patch i to patch j of a grid x grid image."""
     idx = torch.arange(grid * grid)
@@ -143,7 +168,7 @@ class MaskedViT(nn.Module):
     def __init__(self, *, channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
                  decoder_dim: int = 0, decoder_depth: int = 1, shallow_block: int = 2, bilateral: bool = True,
                  mlp_ratio: float = 2.0, high_pass_radius: float = 2.0, shallow_share: float = 0.2,
-                 attention: str = "plain"):
+                 attention: str = "plain", refine_layers: int = 0, refine_width: int = 32):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
@@ -182,6 +207,7 @@ class MaskedViT(nn.Module):
         self.dec_blocks = _blocks(decoder_dim, decoder_depth, dec_heads, mlp_ratio)
         self.dec_norm = nn.LayerNorm(decoder_dim)
         self.dec_pred = nn.Linear(decoder_dim, self.patch_dim)
+        self.refine = PixelRefiner(channels, refine_width, refine_layers) if refine_layers else None
 
     # ---- encoder -----------------------------------------------------------------------
     def encode(self, patches: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -241,6 +267,9 @@ class MaskedViT(nn.Module):
             shallow_image = unpatchify(self._decode(shallow, positions), self.patch, self.channels)
             out["detail"] = high_pass(shallow_image, self.high_pass_radius)
             image = image + out["detail"]
+        if self.refine is not None:
+            kept = self.paste(torch.zeros_like(image), torch.ones_like(patches), positions)
+            image = image + self.refine(self.paste(image, patches, positions), kept)
         out["image"] = image
         return out
 
