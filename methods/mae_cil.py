@@ -28,8 +28,8 @@ Our choices, because old classes come back only as reconstructions (measurements
 README): `replay_view` also classifies (and distils) each training sample's own
 reconstruction from its kept share of patches, so "looks rebuilt" does not mean "old class";
 `classifier=nme` predicts by the nearest mean of the rebuilt exemplars of every class;
-on QuickDraw a KD multiplier of 0.25 and half the patches per exemplar (chosen on
-quickdraw40_4x10); `refine_layers` adds a pixel refiner after the decoder (harness/nn/mae.py).
+on QuickDraw a KD multiplier of 0.25, half the patches per exemplar and a pixel refiner after
+the decoder (`refine_layers`, harness/nn/mae.py), all chosen on quickdraw40_4x10.
 Left out from the reference: DyTox's task tokens and per-task heads (one growing linear
 head), mixup, SAM.
 
@@ -116,9 +116,10 @@ class MAECIL(RehearsalMethod):
         # A ViT from scratch needs ~30 epochs on a first task of 800 doodles; later tasks replay
         # up to ~10x as many rebuilt exemplars per epoch. Without DyTox's per-task tokens the one
         # encoder needs more room for new classes than the reference's KD weight leaves (kd=0.25),
-        # and half the patches rebuild doodles better than a quarter at the same bytes (mask 0.5).
+        # and half the patches rebuild doodles better than a quarter at the same bytes (mask 0.5);
+        # a pixel refiner continues strokes across patch borders (refine_layers=4).
         "quickdraw": {"init_epochs": 30, "epochs": 10, "batch_size": 64, "lr": 2e-3, "dim": 64, "depth": 4,
-                      "heads": 4, "kd": 0.25, "mask_ratio": 0.5},
+                      "heads": 4, "kd": 0.25, "mask_ratio": 0.5, "refine_layers": 4},
         "fmnist": {"init_epochs": 15, "epochs": 5, "batch_size": 64, "lr": 2e-3, "dim": 64, "depth": 4, "heads": 4},
         # The paper's CIFAR-100 recipe (docs/methods.md): width 384, 6 blocks, 12 heads, lr 5e-4, 400 epochs.
         "cifar100": {"epochs": 400, "batch_size": 128},
