@@ -155,7 +155,10 @@ def run_mae(out, *extra) -> dict:
     args = ["run", "--methods", "mae_cil", "--protocol", "quickdraw20_2x10", "--epochs", "1",
             "--max-train-per-class", "16", "--quiet", "--device", "cpu", "--out", out,
             *[a for k, v in SMALL.items() for a in ("--set", f"mae_cil.{k}={v}")], "--set", "mae_cil.warmup_epochs=0",
-            "--set", "mae_cil.mask_ratio=0.75",
+            # The paper's exemplars and the reference's decoder: at one epoch on 16 doodles per class
+            # QuickDraw's pixel refiner leaves the smoke run at chance; its tests are the refiner's own
+            # and the rebuilt-image check below.
+            "--set", "mae_cil.mask_ratio=0.75", "--set", "mae_cil.refine_layers=0",
             *extra]
     assert main([str(a) for a in args]) == 0
     summaries = list((out / "quickdraw20_2x10+maxtrain=16").glob("mae_cil*/seed0/summary.json"))
