@@ -62,12 +62,10 @@ class ConvInpainter(nn.Module):
 def fill(learner: str, model: nn.Module, images: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The learner's full image from the kept pixels (kept pixels are the real ones)."""
     if learner == "convnet":
-        out = model(images, kept)
-    else:
-        positions = patchify(kept, PATCH)[..., 0].nonzero()[:, 1].reshape(len(images), -1)
-        patches = patchify(images, PATCH).gather(1, positions.unsqueeze(-1).expand(-1, -1, PATCH * PATCH * images.shape[1]))
-        out = model.reconstruct(patches, positions)["image"]
-    return out.clamp(0, 1) * (1 - kept) + images * kept
+        return model(images, kept).clamp(0, 1) * (1 - kept) + images * kept
+    positions = patchify(kept, PATCH)[..., 0].nonzero()[:, 1].reshape(len(images), -1)
+    patches = patchify(images, PATCH).gather(1, positions.unsqueeze(-1).expand(-1, -1, PATCH * PATCH * images.shape[1]))
+    return model.as_exemplar(model.reconstruct(patches, positions)["image"], patches, positions)  # as MAE-CIL replays
 
 
 def train_loss(learner: str, model: nn.Module, x: torch.Tensor, keep: int, g: torch.Generator) -> torch.Tensor:
