@@ -12,7 +12,7 @@ from harness.errors import HarnessError
 
 # The embedded default: bounds, a classic and the flagship on the 2-task QuickDraw stream.
 # Measured on 2 idle CPU cores: 300-361 s in all, 3.8 min of them GMM (README, Command line).
-DEFAULT_METHODS = ("finetune", "joint", "icarl", "gmm")
+DEFAULT_METHODS = ("finetune", "joint", "icarl", "gmm", "simplecil", "ranpac")  # the last two read GMM's cached features
 DEFAULT_PROTOCOL = "quickdraw20_2x10"
 DEFAULT_OUT = "results"
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+", metavar="DIR")
     report.add_argument("--format", default="md", choices=("md", "latex", "csv", "html"),
                         help="html: one self-contained page (figures embedded), also written by every run")
+    report.add_argument("--sessions", action="store_true",
+                        help="the accuracy after each task (session) and PD = A_1 - A_T, as few-shot CIL papers "
+                             "print it (md, latex or csv; every run also writes sessions.md and sessions.csv)")
 
     plot = sub.add_parser("plot", help="write the figures of finished runs")
     plot.add_argument("dir", metavar="DIR")
@@ -232,7 +235,7 @@ def cmd_check(args) -> int:
 def cmd_report(args) -> int:
     from harness.report import collect_runs, render
 
-    print(render(collect_runs([Path(d) for d in args.dirs]), args.format), end="")
+    print(render(collect_runs([Path(d) for d in args.dirs]), args.format, sessions=args.sessions), end="")
     return 0
 
 

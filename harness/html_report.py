@@ -76,6 +76,20 @@ def _matrix_html(g: pd.DataFrame) -> str:
     return f'<table class="matrix"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _sessions_html(g: pd.DataFrame) -> str:
+    """Accuracy on all seen classes after each task (session), its mean and PD = A_1 - A_T."""
+    from harness.report import session_table
+
+    t = session_table(g)
+    head = "".join(f"<th>{html.escape(c)}</th>" for _, c in t.columns)
+    body = "".join(f"<tr><td>{html.escape(str(i))}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in row)
+                   + "</tr>" for i, row in zip(t.index, t.to_numpy()))
+    return ('<p class="muted">Accuracy on all seen classes after each task, headed by the task and the classes '
+            'seen (few-shot papers\' sessions), their mean, and the performance drop PD = A_1 - A_T.</p>'
+            f'<div class="scroll"><table class="sessions"><thead><tr><th>Method</th>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
 def _config(path: Path) -> dict:
     try:
         return json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
@@ -103,6 +117,7 @@ def html_page(runs: pd.DataFrame, title: str = "Class-incremental learning resul
     for p in protocols:
         g = runs[runs.protocol == p]
         parts.append(f'<h2 id="{_anchor("protocol", p)}">{html.escape(p)}</h2>')
+        parts.append(_sessions_html(g))
         for f, uri in figs[p]:
             if f.kind != "accuracy_matrix":
                 parts.append(f'<figure id="{_anchor("fig", f.stem)}"><img src="{uri}" alt="{html.escape(f.stem)}">'

@@ -3,6 +3,7 @@
 Per protocol, each as PNG and PDF:
   acc_vs_classes_<protocol>           A_t vs number of classes seen, mean ± std band over seeds
   forgetting_<protocol>               Chaudhry forgetting per task, mean ± std bars (T > 1 only)
+  performance_drop_<protocol>         PD = A_1 - A_T per row, the few-shot CIL papers' figure (T > 1 only)
   accuracy_matrix_<protocol>_<label>  seed-mean a[t][i] heatmap
 Tasks are numbered from 1 in every figure. A label keeps its colour across figures.
 """
@@ -105,6 +106,19 @@ def _forgetting(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure:
     return fig
 
 
+def _performance_drop(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figure:
+    tidy = pd.DataFrame([{"label": r.label, "seed": r.seed, "pd": r.step_accuracy[0] - r.step_accuracy[-1]}
+                         for r in g.itertuples()])
+    labels = sorted(g.label.unique())
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.35 * len(labels) + 1.2)), layout="constrained")
+    sns.barplot(data=tidy, y="label", x="pd", hue="label", order=labels, hue_order=labels, palette=palette,
+                errorbar="sd", capsize=0.15, err_kws={"linewidth": 1}, legend=False, ax=ax)
+    ax.set(ylabel="", xlabel="Performance drop PD = A_1 - A_T (percentage points; lower is better)",
+           title=f"{protocol}: accuracy lost from the first task to the last")
+    ax.axvline(0, color="black", linewidth=0.8)
+    return fig
+
+
 def matrix_figure(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
     """The seed-mean accuracy matrix of the runs in `g` (rows with `accuracy_matrix`) as a heatmap."""
     mats = []
@@ -137,7 +151,7 @@ def matrix_figure(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
 @dataclass
 class Figure:
     stem: str  # file name without extension
-    kind: str  # "acc_vs_classes", "acc_vs_classes_task_il", "forgetting" or "accuracy_matrix"
+    kind: str  # "acc_vs_classes", "acc_vs_classes_task_il", "forgetting", "performance_drop" or "accuracy_matrix"
     protocol: str
     label: str | None  # the run label of an accuracy matrix
     fig: plt.Figure
@@ -161,6 +175,8 @@ def figures(runs: pd.DataFrame) -> Iterator[Figure]:
                                              "Task-IL accuracy, task identity given (%)"))
             if g.per_task_forgetting.map(len).max() > 0:  # one-task runs forget nothing
                 yield Figure(f"forgetting_{ps}", "forgetting", protocol, None, _forgetting(g, protocol, palette))
+                yield Figure(f"performance_drop_{ps}", "performance_drop", protocol, None,
+                             _performance_drop(g, protocol, palette))
             label_slug = _slugs(g.label.unique())
             for label, lg in g.groupby("label", sort=True):
                 yield Figure(f"accuracy_matrix_{ps}_{label_slug[label]}", "accuracy_matrix", protocol, label,

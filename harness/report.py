@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("md", "latex", "csv", "html")
 _FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv", "html": "report.html"}
+_SESSION_FILES = {"md": "sessions.md", "csv": "sessions.csv"}  # written beside the table
 _REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_seen",
              "avg_incremental_accuracy", "last_accuracy")
 # Numeric summary fields aggregated over seeds (mean and std) in the CSV table.
@@ -159,8 +160,8 @@ def _count(n: float) -> str:
 def _memory(exemplars: float, nbytes: float) -> str:
     if math.isnan(exemplars):
         return "–"
-    if exemplars == 0 or math.isnan(nbytes):
-        return f"{exemplars:,.0f}"
+    if math.isnan(nbytes) or nbytes == 0:
+        return f"{exemplars:,.0f}"  # (an exemplar-free method may still keep statistics: bytes shown)
     return f"{exemplars:,.0f} ({nbytes / 1e6:.1f} MB)"  # MB = 10^6 bytes
 
 
@@ -193,6 +194,29 @@ def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
     columns = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])
     data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(names))]
             for lab in labels]
+    return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
+
+
+def session_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Few-shot CIL papers' view: index = label, columns = (protocol, session), strings. A
+    session's cell is A_t, the accuracy on every class seen after session t (mean ± std over
+    seeds), headed by its number and the classes seen; then Avg (their mean) and PD =
+    A_1 - A_T, the performance drop from the base session to the last one."""
+    cells, heads = {}, {}
+    for (protocol, label), g in runs.groupby(["protocol", "label"], sort=True):
+        steps = np.array([list(v) for v in g.step_accuracy], dtype=float)
+        if len({len(v) for v in g.step_accuracy}) > 1:
+            raise HarnessError(f"{protocol}/{label}: seeds have different numbers of sessions")
+        n = len(steps)
+        std = lambda a: a.std(axis=0, ddof=1) if n > 1 else np.full(a.shape[1:], np.nan)  # noqa: E731
+        drop = steps[:, :1] - steps[:, -1:]
+        values = np.concatenate([steps, steps.mean(1, keepdims=True), drop], axis=1)
+        cells[(protocol, label)] = [_pm(m, s, n) for m, s in zip(values.mean(0), std(values))]
+        heads[protocol] = [f"{t + 1} ({c})" for t, c in enumerate(g.classes_seen.iloc[0])] + ["Avg", "PD"]
+    protocols = sorted(heads)
+    columns = pd.MultiIndex.from_tuples([(p, h) for p in protocols for h in heads[p]], names=["protocol", ""])
+    labels = sorted({lab for _, lab in cells})
+    data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(heads[p]))] for lab in labels]
     return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
 
 
@@ -234,9 +258,17 @@ def _latex(t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None) -> str:
+def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions: bool = False) -> str:
     """The report as text: "md" / "latex" (paper table), "csv" (summary_table) or "html" (one
-    self-contained page with the figures, harness.html_report)."""
+    self-contained page with the figures, harness.html_report); with `sessions`, the
+    accuracy after each session and PD (session_table) as md, latex or csv."""
+    if sessions:
+        if fmt not in ("md", "latex", "csv"):
+            raise HarnessError("the session table comes as md, latex or csv")
+        table = session_table(runs)
+        if fmt == "csv":
+            return table.to_csv()
+        return _markdown(table) if fmt == "md" else _latex(table)
     if fmt == "md":
         return _markdown(paper_table(runs))
     if fmt == "latex":
@@ -254,10 +286,11 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path,
                  formats: Sequence[str] = FORMATS, embedded: list | None = None) -> list[Path]:
     """Write table.md / table.tex / table.csv / report.html (atomically) to out_dir; returns the paths.
     `embedded`: the figures plots.write_figures drew, for the page (else it draws them)."""
-    texts = {f: render(runs, f, embedded) for f in formats}  # render all first: fail before writing
+    texts = {_FILES[f]: render(runs, f, embedded) for f in formats}  # render all first: fail before writing
+    texts.update({name: render(runs, f, sessions=True) for f, name in _SESSION_FILES.items() if f in formats})
     paths = []
-    for fmt, text in texts.items():
-        path = Path(out_dir) / _FILES[fmt]
+    for name, text in texts.items():
+        path = Path(out_dir) / name
         atomic_write_text(path, text)
         paths.append(path)
     return paths

@@ -103,8 +103,8 @@ def _check_table(rows: list[list[str]], table_csv: dict[str, dict[str, str]]) ->
 def test_run_writes_one_self_contained_page_whose_table_is_table_csv(results):
     page = _parse(results / "report.html")
     assert page.scripts == 0 and page.external == []  # nothing to fetch, nothing to run
-    # every figure embedded: two curves, forgetting, and one matrix per label
-    assert len(page.images) == 2 + 1 + 2
+    # every figure embedded: two curves, forgetting, performance drop, and one matrix per label
+    assert len(page.images) == 2 + 1 + 1 + 2
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -96,7 +96,8 @@ def test_single_seed_and_one_task(tmp_path):
 def test_write_report_files_parse(runs, results, tmp_path):
     _, summaries = results
     paths = write_report(runs, tmp_path)
-    assert sorted(p.name for p in paths) == ["report.html", "table.csv", "table.md", "table.tex"]
+    assert sorted(p.name for p in paths) == ["report.html", "sessions.csv", "sessions.md", "table.csv", "table.md",
+                                             "table.tex"]
 
     csv = pd.read_csv(tmp_path / "table.csv")
     assert len(csv) == len(PROTOCOLS) * len(LABELS)
@@ -122,6 +123,25 @@ def test_write_report_files_parse(runs, results, tmp_path):
     assert r"gmm+memory=2000" in tex and r"$\pm$" in tex and "toy\\_4x5" in tex
 
 
+def test_session_table_by_hand(runs, results):
+    _, summaries = results
+    t = render(runs, "md", sessions=True).splitlines()
+    head = [c.strip() for c in t[0].strip("|").split("|")]
+    assert head[:4] == ["Method", "toy_3x10 1 (10)", "toy_3x10 2 (20)", "toy_3x10 3 (30)"]
+    assert head[4:6] == ["toy_3x10 Avg", "toy_3x10 PD"]
+    runs_3x10 = [summaries[("toy_3x10", "finetune", s)] for s in SEEDS]
+    drops = [r["step_accuracy"][0] - r["step_accuracy"][-1] for r in runs_3x10]
+    second = [r["step_accuracy"][1] for r in runs_3x10]
+    row = next(line for line in t if line.startswith("| finetune"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{statistics.mean(second):.1f} ± {statistics.stdev(second):.1f}"
+    assert cells[5] == f"{statistics.mean(drops):.1f} ± {statistics.stdev(drops):.1f}"
+    csv = pd.read_csv(__import__("io").StringIO(render(runs, "csv", sessions=True)), header=[0, 1], index_col=0)
+    assert csv.loc["finetune", ("toy_3x10", "PD")] == cells[5]
+    with pytest.raises(HarnessError, match="md, latex or csv"):
+        render(runs, "html", sessions=True)
+
+
 def test_render_unknown_format(runs):
     with pytest.raises(HarnessError):
         render(runs, "pdf")
@@ -131,9 +151,9 @@ def test_figures(runs, tmp_path):
     paths = write_figures(runs, tmp_path)
     stems = {p.stem for p in paths}
     for p in PROTOCOLS:
-        assert {f"acc_vs_classes_{p}", f"forgetting_{p}"} <= stems
+        assert {f"acc_vs_classes_{p}", f"forgetting_{p}", f"performance_drop_{p}"} <= stems
         assert {f"accuracy_matrix_{p}_finetune", f"accuracy_matrix_{p}_gmm_memory_2000"} <= stems
-    assert len(paths) == 2 * len(stems) == 2 * len(PROTOCOLS) * (2 + len(LABELS))
+    assert len(paths) == 2 * len(stems) == 2 * len(PROTOCOLS) * (3 + len(LABELS))
     for p in paths:
         data = p.read_bytes()
         assert len(data) > 5_000, p

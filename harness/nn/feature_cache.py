@@ -1,4 +1,4 @@
-"""A per-image cache of the frozen encoder's tokens (in memory, optionally on disk)."""
+"""A per-image cache of a frozen encoder's outputs (GMM's tokens, the frozen-feature methods' vectors), in memory, optionally on disk."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from harness.nn.vlm.paths import cache_dir
 
 
 def image_keys(x: Tensor) -> list[bytes]:
@@ -74,5 +73,7 @@ _CACHES: dict[tuple[str, bool], FeatureCache] = {}
 def feature_cache(encoder_id: str, on_disk: bool) -> FeatureCache:
     key = (encoder_id, on_disk)
     if key not in _CACHES:
+        from harness.nn.vlm.paths import cache_dir  # lazily: the vlm package imports this module
+
         _CACHES[key] = FeatureCache(cache_dir() / "features" / f"{encoder_id}.pt" if on_disk else None)
     return _CACHES[key]
