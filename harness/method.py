@@ -51,6 +51,16 @@ TRAINING_PARAMS: dict[str, Param] = {
 }
 
 
+# Settings of the tasks after the first (few-shot CIL's sessions: a base task with all its data,
+# then a handful of images per class); a method spreads the ones it supports into its `params`.
+SESSION_PARAMS: dict[str, Param] = {
+    "incremental_epochs": Param(0, "epochs of every task after the first (few-shot sessions); 0 = epochs", low=0),
+    "incremental_lr": Param(0.0, "learning rate of every task after the first; 0 = lr", low=0.0),
+    "freeze_backbone": Param(False, "after the first task train the classifier head only: the backbone's weights "
+                             "and batch-norm statistics stay as the first task left them"),
+}
+
+
 @dataclass
 class MethodContext:
     """What the harness tells a method about the run it is part of."""
@@ -142,6 +152,32 @@ class CILMethod(SupervisedTemplate):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hp["epochs"])
             return [LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True)]
         return []
+
+    # ---- the tasks after the first (SESSION_PARAMS) -------------------------------------
+    def _before_training_exp(self, **kwargs):
+        super()._before_training_exp(**kwargs)
+        if self.experience.current_experience > 0:
+            self._later_task_settings()
+
+    def _later_task_settings(self) -> None:
+        hp = self.hp
+        if hp.get("incremental_epochs"):
+            self.train_epochs = hp["incremental_epochs"]
+            # A per-task cosine ends with the task: its period follows the epochs.
+            schedulers = [getattr(p, "scheduler", None) for p in self.plugins] + [getattr(self, "scheduler", None)]
+            for scheduler in schedulers:
+                if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    scheduler.T_max = self.train_epochs
+        if hp.get("incremental_lr"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = hp["incremental_lr"]  # the schedulers here scale the current lr
+        if hp.get("freeze_backbone"):
+            self.model.backbone.requires_grad_(False)  # no gradient: SGD leaves them (and their decay) alone
+
+    def _before_training_epoch(self, **kwargs):
+        super()._before_training_epoch(**kwargs)
+        if self.hp.get("freeze_backbone") and self.experience.current_experience > 0:
+            self.model.backbone.eval()  # batch-norm statistics stay too
 
     def make_train_dataloader(self, **kwargs):
         if not self.context.in_memory:

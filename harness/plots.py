@@ -114,7 +114,7 @@ def _performance_drop(g: pd.DataFrame, protocol: str, palette: dict) -> plt.Figu
     sns.barplot(data=tidy, y="label", x="pd", hue="label", order=labels, hue_order=labels, palette=palette,
                 errorbar="sd", capsize=0.15, err_kws={"linewidth": 1}, legend=False, ax=ax)
     ax.set(ylabel="", xlabel="Performance drop PD = A_1 - A_T (percentage points; lower is better)",
-           title=f"{protocol}: accuracy lost from the first task to the last")
+           title=f"{protocol}: accuracy lost from the first task to the last (mean ± sd over seeds)")
     ax.axvline(0, color="black", linewidth=0.8)
     return fig
 

@@ -21,7 +21,7 @@ import torch
 from harness.cil.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
 from harness.errors import HarnessError
 from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
-from harness.method import TRAINING_PARAMS, materialise
+from harness.method import SESSION_PARAMS, TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -56,6 +56,7 @@ class ICaRL(RehearsalMethod):
     description = "iCaRL: herding exemplars, distillation (PyCIL's CE+KD or the paper's BCE), nearest-mean classifier"
     params = {
         **TRAINING_PARAMS,
+        **SESSION_PARAMS,
         "loss": Param("ce_kd", "ce_kd: PyCIL's softmax CE + KD (T=2); bce: the paper's sigmoid BCE + distillation",
                       choices=("ce_kd", "bce")),
         "temperature": Param(2.0, "ce_kd: distillation temperature", low=0.01),

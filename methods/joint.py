@@ -1,7 +1,7 @@
 """Joint training: at every task, train on all data seen so far; the upper bound."""
 from avalanche.benchmarks.utils import concat_datasets
 
-from harness.method import TRAINING_PARAMS, CILMethod
+from harness.method import SESSION_PARAMS, TRAINING_PARAMS, CILMethod
 from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
 
@@ -9,7 +9,7 @@ from harness.registry import register_method
 @register_method("joint")
 class Joint(CILMethod):
     description = "train on all data seen so far (upper bound)"
-    params = dict(TRAINING_PARAMS)
+    params = {**TRAINING_PARAMS, **SESSION_PARAMS}
     protocol_defaults = SUPERVISED_RECIPES
     transient = ("seen_data",)  # the past experiences' datasets: rebuilt in on_resume, not checkpointed
 

@@ -20,7 +20,7 @@ from torch import nn
 from harness.cil.distill import frozen_copy, softmax_kd
 from harness.nn.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.cil.memory import ExemplarMemory, check_budget, to_uint8
-from harness.method import TRAINING_PARAMS, materialise
+from harness.method import SESSION_PARAMS, TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
@@ -32,6 +32,8 @@ class LwM(ExemplarReplay):
     description = "Learning without Memorizing: KD + Grad-CAM attention distillation, exemplar-free (Dhar et al. 2019)"
     params = {
         **TRAINING_PARAMS,
+        # Grad-CAM distillation needs the backbone's gradients: no freeze_backbone
+        **{k: v for k, v in SESSION_PARAMS.items() if k != "freeze_backbone"},
         "beta": Param(1.0, "weight of the logit distillation", low=0.0),
         "gamma": Param(1.0, "weight of the attention distillation L_AD", low=0.0),
         "temperature": Param(2.0, "distillation temperature", low=1e-3),

@@ -58,6 +58,7 @@ class FrozenFeatureMethod(CILMethod):
         if self.hp["encoder"] == "backbone" and self.hp["first_session"] == "none":
             raise HarnessError(f"{self.name}: encoder=backbone has random weights; use first_session=train "
                                "(base training) or a pretrained encoder")
+        self.model.to(self.device)  # without first-session training Avalanche never moves it
         self.cache, self.encode_tokens = self._shared_cache()
 
     # ---- the model: encoder + a head used only by first-session training ----------------
