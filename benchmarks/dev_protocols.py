@@ -8,10 +8,9 @@ quickdraw_fscil_dev has quickdraw_fscil's shape (60 base classes, then 8 session
 quickdraw40_4x10, quickdraw20_2x10 and quickdraw_fscil take. Few-shot settings are chosen
 here, never on quickdraw_fscil.
 
-A plugin, not a built-in: GMM's stage-1 alignment trains on the QuickDraw classes that no
-registered protocol uses, so registering this file removes these 100 classes from GMM's
-alignment set (GMM then aligns anew, and its rows are no longer comparable with the built-in
-alignment's).
+A plugin, not a built-in: GMM's shipped stage-1 alignment trained on these classes (those no
+built-in protocol uses). GMM on this protocol aligns anew without them; the built-in
+protocols keep the shipped alignment whatever plugins are loaded.
 """
 from __future__ import annotations
 

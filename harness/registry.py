@@ -158,6 +158,9 @@ def load_plugins(paths: Iterable[str | os.PathLike]) -> None:
 
 
 _discovered = False
+# Protocols this project defines (its `protocols/` package), as opposed to plugins and entry
+# points: GMM's alignment set depends on these alone, never on what a user registers.
+BUILTIN_PROTOCOLS: set[str] = set()
 
 
 def discover(plugin_paths: Iterable[str | os.PathLike] = ()) -> None:
@@ -165,6 +168,7 @@ def discover(plugin_paths: Iterable[str | os.PathLike] = ()) -> None:
     global _discovered
     if not _discovered:
         _import_package_modules("protocols")
+        BUILTIN_PROTOCOLS.update(PROTOCOLS.names())
         _import_package_modules("methods")
         for group in ENTRY_POINT_GROUPS:
             for ep in entry_points(group=group):

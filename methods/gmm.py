@@ -9,7 +9,8 @@ f_text of every seen class name is the score vector, so the harness evaluates GM
 any other method. No classifier grows.
 
 The paper starts from MiniGPT-4's aligned projection; the offline stack's is random, so it is
-first aligned on the dataset's classes that no protocol uses (gmm.align, harness/cil/alignment.py).
+first aligned on the dataset's classes that no built-in protocol, nor the run's, uses (gmm.align,
+harness/cil/alignment.py).
 
 Options beyond the paper, each its own table row via --set (without replay the projection
 drifts toward the newest task in text space):
@@ -72,7 +73,7 @@ class GMM(ExemplarReplay):
         "decay_biases": Param(False, "weight decay on biases and other 1-D parameters too (MiniGPT-4 exempts them)"),
         "model": Param("offline", "vision-language stack", choices=tuple(VLM_STACKS.names())),
         "align": Param("auto", "stage-1 alignment of a random projection before any task, on the dataset's classes "
-                       "no registered protocol uses (cached); auto = disjoint for the offline stack, none for "
+                       "that neither this protocol nor a built-in one uses (cached); auto = disjoint for the offline stack, none for "
                        "hf_llava (already aligned) and tiny", choices=("auto", "none", "disjoint")),
         "align_per_class": Param(40, "alignment: training images per alignment class", low=1),
         "align_epochs": Param(1, "alignment: epochs over the alignment images", low=1),

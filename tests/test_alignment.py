@@ -6,19 +6,21 @@ import torch
 from harness.cil import alignment as A
 from harness.data import class_order, load_splits
 from harness.protocol import get_protocol
-from harness.registry import PROTOCOLS, discover
+from harness.protocol import Protocol, register_protocol
+from harness.registry import BUILTIN_PROTOCOLS, PROTOCOLS, discover
 from harness.nn.vlm import build_stack
 
 SETTINGS = A.AlignmentSettings(per_class=2, epochs=2, lr=3e-2, batch_size=32, warmup_steps=2)
 
 
-def test_alignment_data_holds_no_class_of_any_registered_quickdraw_protocol():
+def test_alignment_data_holds_no_class_of_any_built_in_quickdraw_protocol():
     discover()
     protocol = get_protocol("quickdraw40_4x10")
     images, names, labels = A.alignment_data(protocol, per_class=3)
     all_names = load_splits(protocol).class_names
     reserved = set()
-    for name in PROTOCOLS.names():  # the built-in ones, and any a plugin registered earlier in this session
+    assert {"quickdraw20_2x10", "quickdraw100_10x10", "quickdraw_fscil"} <= BUILTIN_PROTOCOLS
+    for name in sorted(BUILTIN_PROTOCOLS):
         p = PROTOCOLS.get(name)
         if p.dataset == "quickdraw":
             used = {all_names[c] for c in class_order(p, all_names)}
@@ -28,6 +30,24 @@ def test_alignment_data_holds_no_class_of_any_registered_quickdraw_protocol():
     builtin = {all_names[c] for c in class_order(get_protocol("quickdraw100_10x10"), all_names)}
     assert {all_names[c] for c in class_order(get_protocol("quickdraw_fscil"), all_names)} == builtin  # 245 left
     assert images.shape == (len(names) * 3, 1, 28, 28) and torch.bincount(labels).tolist() == [3] * len(names)
+
+
+def test_a_protocol_a_user_registers_leaves_built_in_alignments_alone():
+    discover()
+    builtin = get_protocol("quickdraw20_2x10")
+    _, before = A.alignment_classes(builtin)
+    names = load_splits(builtin).class_names
+    extra = [names[c] for c in before[:30]]  # 30 of the classes the built-in protocols align on
+    mine = register_protocol(Protocol(name="test_user_quickdraw30", dataset="quickdraw", num_classes=30, num_tasks=3,
+                                      increment=10, class_order=extra, image_size=28, channels=1, noun="drawing",
+                                      family="quickdraw"))
+    try:
+        assert A.alignment_classes(builtin)[1] == before  # the same set: the shipped alignment still serves
+        _, own = A.alignment_classes(mine)
+        assert set(own) == set(before) - {names.index(n) for n in extra}  # its own classes are never aligned on
+    finally:
+        del PROTOCOLS._items[mine.name]
+        PROTOCOLS._sources.pop(mine.name, None)
 
 
 def _stack():

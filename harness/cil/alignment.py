@@ -3,9 +3,11 @@
 The paper fine-tunes a projection that already maps images to words (docs/methods.md, GMM);
 the offline stack's projection starts random. Before any task, it learns to answer the
 method's own prompt ("This is a <noun> of a <class>.") on images of the dataset's classes
-that *no registered protocol of that dataset* uses: no class a protocol evaluates on is
-ever seen, and one alignment serves every protocol, seed and method variant of the dataset
-(quickdraw20/40/100 share the 245 QuickDraw classes outside the first 100 of their order).
+that neither the run's protocol nor any *built-in* protocol of that dataset uses: no class a
+protocol evaluates on is ever seen, and one alignment serves every built-in protocol, seed
+and method variant of the dataset (quickdraw20/40/100 and quickdraw_fscil share the 245
+QuickDraw classes outside the first 100 of their order). A protocol a user registers leaves
+the built-in protocols' alignment alone; its own runs align without its classes.
 
 The result is cached: one checksummed file per key (stack, encoder, LM, prompt, the
 alignment classes and settings), written atomically, verified when read and rebuilt when
@@ -31,7 +33,7 @@ from harness import checkpoint
 from harness.data import class_order, load_splits
 from harness.errors import HarnessError
 from harness.protocol import Protocol
-from harness.registry import PROTOCOLS
+from harness.registry import BUILTIN_PROTOCOLS, PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 
 def reserved_classes(protocol: Protocol, class_names: list[str]) -> set[int]:
-    """Dataset labels that some registered protocol of `protocol`'s dataset uses."""
+    """Dataset labels the alignment must not see: the run's own protocol's and those of the
+    project's built-in protocols of that dataset. Protocols a user registers (plugins, entry
+    points) never change another protocol's alignment, so a built-in protocol's GMM run is the
+    same whatever else is registered."""
     used = set(class_order(protocol, class_names))
-    for name in PROTOCOLS.names():
+    for name in sorted(BUILTIN_PROTOCOLS):
         other = PROTOCOLS.get(name)
         if other.dataset == protocol.dataset and other.dataset_kwargs == protocol.dataset_kwargs:
             try:
@@ -69,7 +74,8 @@ def reserved_classes(protocol: Protocol, class_names: list[str]) -> set[int]:
 
 
 def alignment_classes(protocol: Protocol, data_root=None):
-    """(the dataset's splits, labels of the alignment classes): those no registered protocol uses."""
+    """(the dataset's splits, labels of the alignment classes): those neither the run's protocol
+    nor any built-in protocol uses."""
     splits = load_splits(protocol, data_root)
     reserved = reserved_classes(protocol, list(splits.class_names))
     pool = [c for c in range(len(splits.class_names)) if c not in reserved]
