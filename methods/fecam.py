@@ -1,7 +1,9 @@
 """FeCAM (Goswami et al., "FeCAM: Exploiting the Heterogeneity of Class Distributions in
 Exemplar-Free Continual Learning", NeurIPS 2023), on a frozen pretrained encoder.
 
-Features are Tukey-transformed (x^beta, beta = 0.5; log for beta = 0) toward a Gaussian;
+Features are Tukey-transformed (x^beta, beta = 0.5; log for beta = 0) toward a Gaussian
+(defined for non-negative features, as EfficientNet's pooled ReLU6 outputs are: negative
+entries, e.g. of a CLIP tower, are clamped to 0 first; `tukey=1` skips the transform);
 each class keeps its mean and its covariance, shrunk toward a scaled identity and a constant
 off-diagonal (S + a1 V1 I + a2 V2 (1 - I), V1 and V2 the means of S's diagonal and
 off-diagonal) and normalised to a correlation matrix; a test image goes to the class of
@@ -13,6 +15,8 @@ Cholesky: the shrunk matrix is positive definite. Avalanche shrinks twice; the p
 this method, once. The memory is one d x d matrix per class (655 MB for 100 classes of 1280-d).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,11 @@ class FeCAM(FrozenFeatureMethod):
         self.precisions: dict[int, torch.Tensor] = {}  # class -> inverse of its shrunk, normalised covariance
         super().__init__(**kwargs)
 
+    def _tukey(self, clf: FeCAMClassifier, features: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # Avalanche copies the tensor with torch.tensor(), which warns
+            warnings.simplefilter("ignore", UserWarning)
+            return clf.apply_transforms(features.clamp_min(0) if clf.tukey else features)
+
     def _transforms(self) -> FeCAMClassifier:
         hp = self.hp
         return FeCAMClassifier(tukey=hp["tukey"] != 1.0, tukey1=hp["tukey"], shrink1=hp["shrink1"],
@@ -54,7 +63,7 @@ class FeCAM(FrozenFeatureMethod):
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
         clf = self._transforms()
-        f = clf.apply_transforms(features.double().clamp_min(0) if clf.tukey else features.double())
+        f = self._tukey(clf, features.double())
         means, covs = compute_means(f, labels), compute_covariance(f, labels)
         for c in classes:
             cov = covs[c]
@@ -67,8 +76,7 @@ class FeCAM(FrozenFeatureMethod):
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         clf = self._transforms()
-        f = features.clamp_min(0) if clf.tukey else features
-        x = F.normalize(clf.apply_transforms(f).float(), dim=1)
+        x = F.normalize(self._tukey(clf, features).float(), dim=1)
         n = max(self.means) + 1
         out = torch.full((len(x), n), -torch.inf)
         for c, mu in self.means.items():
