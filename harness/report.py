@@ -204,9 +204,9 @@ def session_table(runs: pd.DataFrame) -> pd.DataFrame:
     A_1 - A_T, the performance drop from the base session to the last one."""
     cells, heads = {}, {}
     for (protocol, label), g in runs.groupby(["protocol", "label"], sort=True):
-        steps = np.array([list(v) for v in g.step_accuracy], dtype=float)
         if len({len(v) for v in g.step_accuracy}) > 1:
             raise HarnessError(f"{protocol}/{label}: seeds have different numbers of sessions")
+        steps = np.array([list(v) for v in g.step_accuracy], dtype=float)
         n = len(steps)
         std = lambda a: a.std(axis=0, ddof=1) if n > 1 else np.full(a.shape[1:], np.nan)  # noqa: E731
         drop = steps[:, :1] - steps[:, -1:]
@@ -284,7 +284,8 @@ def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions:
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path,
                  formats: Sequence[str] = FORMATS, embedded: list | None = None) -> list[Path]:
-    """Write table.md / table.tex / table.csv / report.html (atomically) to out_dir; returns the paths.
+    """Write table.md / table.tex / table.csv / report.html and sessions.md / sessions.csv (atomically)
+    to out_dir; returns the paths.
     `embedded`: the figures plots.write_figures drew, for the page (else it draws them)."""
     texts = {_FILES[f]: render(runs, f, embedded) for f in formats}  # render all first: fail before writing
     texts.update({name: render(runs, f, sessions=True) for f, name in _SESSION_FILES.items() if f in formats})

@@ -46,24 +46,25 @@ class FeCAM(FrozenFeatureMethod):
         "covnorm": Param(True, "normalise each shrunk covariance to a correlation matrix"),
     }
 
+    transient = (*FrozenFeatureMethod.transient, "transforms")  # built from the settings
+
     def __init__(self, **kwargs):
         self.means: dict[int, torch.Tensor] = {}  # class -> unit mean of transformed features
         self.precisions: dict[int, torch.Tensor] = {}  # class -> inverse of its shrunk, normalised covariance
         super().__init__(**kwargs)
+        hp = self.hp  # Avalanche's transforms (Tukey, shrinkage, normalisation), from the settings
+        self.transforms = FeCAMClassifier(tukey=hp["tukey"] != 1.0, tukey1=hp["tukey"], shrink1=hp["shrink1"],
+                                          shrink2=hp["shrink2"], covnorm=hp["covnorm"])
 
-    def _tukey(self, clf: FeCAMClassifier, features: torch.Tensor) -> torch.Tensor:
+    def _tukey(self, features: torch.Tensor) -> torch.Tensor:
+        clf = self.transforms
         with warnings.catch_warnings():  # Avalanche copies the tensor with torch.tensor(), which warns
             warnings.simplefilter("ignore", UserWarning)
             return clf.apply_transforms(features.clamp_min(0) if clf.tukey else features)
 
-    def _transforms(self) -> FeCAMClassifier:
-        hp = self.hp
-        return FeCAMClassifier(tukey=hp["tukey"] != 1.0, tukey1=hp["tukey"], shrink1=hp["shrink1"],
-                               shrink2=hp["shrink2"], covnorm=hp["covnorm"])
-
     def fit(self, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
-        clf = self._transforms()
-        f = self._tukey(clf, features.double())
+        clf = self.transforms
+        f = self._tukey(features.double())
         means, covs = compute_means(f, labels), compute_covariance(f, labels)
         for c in classes:
             cov = covs[c]
@@ -75,8 +76,7 @@ class FeCAM(FrozenFeatureMethod):
             self.means[c] = F.normalize(means[c].float(), dim=0)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
-        clf = self._transforms()
-        x = F.normalize(self._tukey(clf, features).float(), dim=1)
+        x = F.normalize(self._tukey(features).float(), dim=1)
         n = max(self.means) + 1
         out = torch.full((len(x), n), -torch.inf)
         for c, mu in self.means.items():

@@ -73,7 +73,7 @@ class FrozenFeatureMethod(CILMethod):
     def _shared_cache(self):
         """The process-wide cache of the pretrained encoder (None once the encoder is the run's own).
         For encoder=gmm it holds GMM's tokens, pooled here."""
-        if self.adapted or self.hp["first_session"] == "train":
+        if self.hp["first_session"] == "train":  # the encoder becomes the run's own
             return None, False
         backbone = self.model.backbone
         if isinstance(backbone, PooledTokens):
