@@ -27,10 +27,11 @@ class Param:
     high: float | None = None
     nullable: bool = False  # accepts "none"
     affects_results: bool = True  # False for pure plumbing (caches, batch sizes of inference)
+    kind: type | None = None  # the value's type where the default does not say (a default of None)
 
     @property
     def type(self) -> type:
-        return type(self.default)
+        return self.kind or type(self.default)
 
     def coerce(self, key: str, value: Any) -> Any:
         """Turn a CLI string (or a Python value) into this parameter's type, or explain."""
@@ -39,7 +40,7 @@ class Param:
             if self.nullable or self.default is None:
                 return None
             raise HarnessError(f"{key} cannot be none")
-        kind = self.type if self.default is not None else str
+        kind = self.kind or (self.type if self.default is not None else str)
         try:
             if kind is bool:
                 if isinstance(value, bool):
