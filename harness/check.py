@@ -121,8 +121,9 @@ def _budget(hp: dict, num_classes: int, memory) -> tuple[str, int, int] | None:
         return "bytes", hp["memory_bytes"], 1
     if hp.get("memory_per_class", 0) > 0:
         return "exemplars", hp["memory_per_class"] * num_classes, 0
-    if isinstance(hp.get("memory"), int) and hp["memory"] > 0:
-        return "exemplars", hp["memory"], 0
+    for key in ("memory", "mem_size", "memory_size"):  # the harness's, Avalanche's strategies' names
+        if isinstance(hp.get(key), int) and not isinstance(hp[key], bool) and hp[key] > 0:
+            return "exemplars", hp[key], 0
     return None
 
 

@@ -182,7 +182,7 @@ def _show_method(name: str) -> None:
     cls = METHODS.get(name)
     print(f"{name}: {cls.description}\n  defined in {METHODS.source(name)}\n\nsettings (--set {name}.KEY=VALUE):")
     for key, param in sorted(cls.params.items()):
-        kind = type(param.default).__name__ if param.default is not None else "str"
+        kind = param.type.__name__ if param.default is not None or param.kind else "str"
         allowed = ("one of " + "|".join(map(str, param.choices)) if param.choices is not None
                    else " ".join(f"{op} {v}" for op, v in ((">=", param.low), ("<=", param.high)) if v is not None))
         print(f"  {key:<20} {kind:<6} {param.default!s:<12} {allowed:<28} {param.help}")
@@ -203,6 +203,11 @@ def cmd_list(args) -> int:
     print("methods:")
     for name in METHODS.names():
         print(f"  {name:<16} {METHODS.get(name).description}")
+    from harness.cil.avalanche_strategies import NOT_OFFERED
+    if NOT_OFFERED:
+        print("\nAvalanche strategies not offered:")
+        for name, why in sorted(NOT_OFFERED.items()):
+            print(f"  {name:<19} {why}")
     print("\nprotocols:")
     present: dict[str, str] = {}
     for name in PROTOCOLS.names():

@@ -124,7 +124,7 @@ class CILMethod(SupervisedTemplate):
         plugins = [*plugins, *self.build_plugins(optimizer)]
         with warnings.catch_warnings():  # Avalanche warns that we log no metrics: the harness does
             warnings.simplefilter("ignore")
-            super().__init__(
+            super().__init__(**self.template_arguments(model, dict(
                 model=model,
                 optimizer=optimizer,
                 criterion=nn.CrossEntropyLoss(),
@@ -134,7 +134,11 @@ class CILMethod(SupervisedTemplate):
                 device=context.device,
                 plugins=[*plugins, EpochProgress(disable=context.quiet)],
                 evaluator=context.evaluator,
-            )
+            )))
+
+    def template_arguments(self, model: nn.Module, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of the Avalanche template's constructor (a wrapped strategy adds its own)."""
+        return arguments
 
     # ---- building blocks a method may override -------------------------------------
     def build_model(self) -> nn.Module:

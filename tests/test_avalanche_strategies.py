@@ -1,0 +1,145 @@
+"""Avalanche's strategies through the harness: settings from their signatures, `list`, resume of
+EWC's importance data, buffers of replay, and a strategy's plugins' hooks at evaluation.
+
+`harness check` of every wrapped strategy runs in tests/test_check.py (it covers every method).
+"""
+import json
+import warnings
+
+import pytest
+import torch
+
+from harness.cil.avalanche_strategies import NOT_OFFERED, StrategySpec, strategy_params
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.registry import METHODS, discover
+from harness.state import capture_method, restore_method
+
+discover()
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def test_a_strategy_s_own_arguments_become_settings_with_their_signature_s_types():
+    from avalanche.training import EWC, DER
+
+    ewc = strategy_params(EWC, StrategySpec("ewc", "EWC", "", defaults={"ewc_lambda": 1000.0}))
+    assert ewc["ewc_lambda"].default == 1000.0 and ewc["mode"].default == "separate"
+    assert ewc["decay_factor"].default is None and ewc["decay_factor"].coerce("d", "0.5") == 0.5  # Optional[float]
+    assert ewc["keep_importance_data"].coerce("k", "yes") is True
+    der = strategy_params(DER, StrategySpec("der", "DER", ""))
+    assert der["mem_size"].default == 200 and der["batch_size_mem"].coerce("b", "32") == 32
+    with pytest.raises(HarnessError, match="'alpha' has no default"):
+        from avalanche.training import LwF
+        strategy_params(LwF, StrategySpec("lwf", "LwF", ""))
+
+
+def test_wrapped_strategies_are_listed_with_the_class_they_wrap_and_the_rest_with_a_reason(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    wrapped = [n for n in METHODS.names() if "Avalanche's" in METHODS.get(n).description]
+    assert len(wrapped) >= 15
+    for line in ("  ewc              Avalanche's EWC: Kirkpatrick", "  der              Avalanche's DER: Buzzega"):
+        assert line in out
+    assert "Avalanche strategies not offered:" in out
+    for name in ("PackNet", "LearningToPrompt", "JointTraining", "ER_AML"):
+        assert name in NOT_OFFERED and f"  {name} " in out
+    assert main(["list", "ewc"]) == 0
+    shown = capsys.readouterr().out
+    assert "ewc_lambda" in shown and "mem_size" not in shown
+
+
+def _resume_args(out, method, *extra):
+    return ["run", "--methods", method, "--protocol", "quickdraw20_2x10", "--epochs", "1", "--max-train-per-class",
+            "12", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("method", ["ewc", "replay"])
+def test_a_strategy_killed_mid_run_resumes_to_the_straight_run_s_matrix(tmp_path, method, monkeypatch):
+    """EWC's importances (ParamData made during training) and Replay's buffer (Avalanche datasets)
+    come back from the checkpoint: the resumed run ends where the straight one does."""
+    assert main(_resume_args(tmp_path / "straight", method)) == 0
+    cls = METHODS.get(method)
+    learn, calls = cls.learn, []
+
+    def crashing(self, experience):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return learn(self, experience)
+
+    monkeypatch.setattr(cls, "learn", crashing)
+    assert main(_resume_args(tmp_path / "resumed", method)) == 130
+    monkeypatch.setattr(cls, "learn", learn)
+    assert main(_resume_args(tmp_path / "resumed", method)) == 0
+
+    def matrix(root):
+        return json.loads(next(root.rglob("summary.json")).read_text())["accuracy_matrix"]
+    assert matrix(tmp_path / "resumed") == matrix(tmp_path / "straight")
+
+
+def test_ewc_importances_made_during_training_come_back_as_param_data():
+    from avalanche.training.utils import ParamData
+
+    from harness.method import MethodContext
+    from harness.registry import PROTOCOLS
+
+    ctx = MethodContext(protocol=PROTOCOLS.get("quickdraw20_2x10"), class_names=[], device=torch.device("cpu"),
+                        seed=0, quiet=True)
+    cls = METHODS.get("ewc")
+    hp = {k: p.default for k, p in cls.params.items()}
+    trained = cls(context=ctx, hp=hp)
+    plugin = next(p for p in trained.plugins if type(p).__name__ == "EWCPlugin")
+    plugin.importances[0] = {"w": ParamData("w", init_tensor=torch.arange(4.0).view(2, 2))}
+    saved = capture_method(trained, trained._not_state())
+    fresh = cls(context=ctx, hp=hp)
+    restore_method(fresh, saved)
+    back = next(p for p in fresh.plugins if type(p).__name__ == "EWCPlugin").importances[0]["w"]
+    assert isinstance(back, ParamData) and back.shape == torch.Size([2, 2]) and back.device == torch.device("cpu")
+    assert torch.equal(back.data, torch.arange(4.0).view(2, 2))
+    back.expand(torch.Size([3, 2]))  # its init function (torch.zeros) came back by name
+    assert back.data.shape == (3, 2) and back.data[2].eq(0).all()
+
+
+def test_a_replay_buffer_comes_back_with_its_items_and_data_attributes():
+    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+    from avalanche.benchmarks.utils.data_attribute import TensorDataAttribute
+    from avalanche.benchmarks.utils.flat_data import FlatData
+
+    from harness.data import ImageTensorDataset
+    from harness.state import _Refs, capture, rebuild
+
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    data = _make_taskaware_classification_dataset(ImageTensorDataset(images, [3, 1, 4, 1, 5]), task_labels=0)
+    logits = torch.randn(5, 6)
+    data = data.update_data_attribute("logits", TensorDataAttribute(
+        FlatData([logits], discard_elements_not_in_indices=True), name="logits", use_in_getitem=True))
+    buffer = data.subset([4, 0, 2])
+    saved = capture(buffer, "owner.buffer", _Refs(object()))
+    assert saved["fields"][0]["uint8"].dtype == torch.uint8  # images stored as the bytes they were
+    back = rebuild(saved, None, "owner.buffer", _Refs(object()))
+    assert len(back) == 3 and list(back.targets) == [5, 3, 4] and list(back.targets_task_labels) == [0, 0, 0]
+    for i in range(3):
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(back[i], buffer[i]))
+    grown = back.concat(data)  # and it still joins the stream's datasets, as a storage policy does
+    assert len(grown) == 8 and len(grown[7]) == 4
+
+
+def test_scores_go_through_the_strategy_s_eval_forward_hooks():
+    """A plugin that rewrites the eval output (as BiC's bias layer and CoPE's prototypes do) is
+    what the harness's evaluation sees."""
+    from harness.method import MethodContext
+    from harness.registry import PROTOCOLS
+
+    class Doubling:
+        def after_eval_forward(self, strategy, **kwargs):
+            strategy.mb_output = strategy.mb_output * 2
+
+    ctx = MethodContext(protocol=PROTOCOLS.get("quickdraw20_2x10"), class_names=[], device=torch.device("cpu"),
+                        seed=0, quiet=True)
+    cls = METHODS.get("naive")
+    method = cls(context=ctx, hp={k: p.default for k, p in cls.params.items()}, plugins=[Doubling()])
+    x = torch.rand(3, 1, 28, 28)
+    method.model.eval()
+    with torch.no_grad():
+        plain = method.model(x)
+    assert torch.equal(method.class_scores(x), plain * 2)
