@@ -102,8 +102,9 @@ SPECS = [
                  helps={"alpha": "weight of the distillation loss (paper: 1)",
                         "temperature": "softmax temperature of the distillation (paper: 2)"}),
     StrategySpec("ewc", "EWC", "Kirkpatrick et al., Overcoming catastrophic forgetting, PNAS 2017",
-                 defaults={"ewc_lambda": 1000.0},
-                 helps={"ewc_lambda": "weight of the Fisher penalty (PyCIL's 1000)",
+                 defaults={"ewc_lambda": 100.0},
+                 helps={"ewc_lambda": "weight of the Fisher penalty (chosen on quickdraw20_2x10: 1,000, PyCIL's, "
+                                      "diverges there at lr 0.1)",
                         "mode": "separate (one penalty per task) or online (decayed running Fisher)"}),
     StrategySpec("si", "SynapticIntelligence", "Zenke et al., Continual Learning Through Synaptic "
                  "Intelligence, ICML 2017", defaults={"si_lambda": 1.0},
