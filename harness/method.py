@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness.cil.alignment import warmup_cosine
+from harness.cil.regularisers import regulariser_plugins
 from harness.nn.augment import AUGMENTATIONS
 from harness.batches import TensorBatches
 from harness.nn.backbones import IncrementalNet, backbone_names, create_backbone
@@ -121,7 +122,8 @@ class CILMethod(SupervisedTemplate):
         self.context, self.hp = context, Settings(type(self).name, hp)
         model = self.build_model()
         optimizer = self.build_optimizer(model)
-        plugins = [*plugins, *self.build_plugins(optimizer)]
+        # A regulariser the settings ask for (harness.cil.regularisers) comes whatever build_plugins returns.
+        plugins = [*plugins, *self.build_plugins(optimizer), *regulariser_plugins(self.hp)]
         with warnings.catch_warnings():  # Avalanche warns that we log no metrics: the harness does
             warnings.simplefilter("ignore")
             super().__init__(**self.template_arguments(model, dict(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from harness.cil.regularisers import REGULARISER_PARAMS
 from harness.cil.distill import frozen_copy, sigmoid_distillation_loss, softmax_kd
 from harness.errors import HarnessError
 from harness.cil.memory import ExemplarMemory, check_budget, class_means, to_float, to_uint8
@@ -57,6 +58,7 @@ class ICaRL(RehearsalMethod):
     params = {
         **TRAINING_PARAMS,
         **SESSION_PARAMS,
+        **REGULARISER_PARAMS,
         "loss": Param("ce_kd", "ce_kd: PyCIL's softmax CE + KD (T=2); bce: the paper's sigmoid BCE + distillation",
                       choices=("ce_kd", "bce")),
         "temperature": Param(2.0, "ce_kd: distillation temperature", low=0.01),

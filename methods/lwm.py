@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cil.regularisers import REGULARISER_PARAMS
 from harness.cil.distill import frozen_copy, softmax_kd
 from harness.nn.gradcam import FeatureMapHook, attention_distance, cam_from, grad_cam, last_conv_block
 from harness.cil.memory import ExemplarMemory, check_budget, to_uint8
@@ -34,6 +35,7 @@ class LwM(ExemplarReplay):
         **TRAINING_PARAMS,
         # Grad-CAM distillation needs the backbone's gradients: no freeze_backbone
         **{k: v for k, v in SESSION_PARAMS.items() if k != "freeze_backbone"},
+        **REGULARISER_PARAMS,
         "beta": Param(1.0, "weight of the logit distillation", low=0.0),
         "gamma": Param(1.0, "weight of the attention distillation L_AD", low=0.0),
         "temperature": Param(2.0, "distillation temperature", low=1e-3),

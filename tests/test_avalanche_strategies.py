@@ -143,3 +143,31 @@ def test_scores_go_through_the_strategy_s_eval_forward_hooks():
     with torch.no_grad():
         plain = method.model(x)
     assert torch.equal(method.class_scores(x), plain * 2)
+
+
+@pytest.mark.parametrize("kind, plugin, weight", [("ewc", "EWCPlugin", "ewc_lambda"), ("si", "SynapticIntelligencePlugin",
+                                                  "si_lambda"), ("mas", "MASPlugin", "_lambda"),
+                                                 ("rwalk", "RWalkPlugin", "ewc_lambda")])
+def test_a_regulariser_joins_any_method_that_declares_it(kind, plugin, weight):
+    from harness.cil.regularisers import DEFAULT_LAMBDA
+    from harness.method import MethodContext
+    from harness.registry import PROTOCOLS
+
+    ctx = MethodContext(protocol=PROTOCOLS.get("quickdraw20_2x10"), class_names=[], device=torch.device("cpu"),
+                        seed=0, quiet=True)
+    for name in ("finetune", "icarl", "lwm"):
+        cls = METHODS.get(name)
+        hp = {k: p.default for k, p in cls.params.items()}
+        assert not [p for p in cls(context=ctx, hp=hp).plugins if type(p).__name__ == plugin]  # none by default
+        for lam, expected in ((0.0, DEFAULT_LAMBDA[kind]), (5.0, 5.0)):
+            method = cls(context=ctx, hp={**hp, "regularizer": kind, "regularizer_lambda": lam})
+            found = [p for p in method.plugins if type(p).__name__ == plugin]
+            value = getattr(found[0], weight)
+            assert len(found) == 1 and (value[0] if isinstance(value, list) else value) == expected
+
+
+@pytest.mark.parametrize("kind", ["ewc", "si", "mas", "rwalk"])
+def test_a_method_with_a_regulariser_passes_the_check(kind, capsys):
+    # RWalk updates its scores every 10 iterations: batches of 8 give the check's tasks 10
+    extra = ["finetune.batch_size=8"] if kind == "rwalk" else []
+    assert main(["check", "finetune", "--set", f"finetune.regularizer={kind}", *extra]) == 0, capsys.readouterr().out

@@ -1,0 +1,40 @@
+"""Avalanche's regularisation plugins as a setting of any method that declares them.
+
+`--set finetune.regularizer=ewc` (or si, mas, rwalk) adds Avalanche's plugin to the method's
+training: its penalty joins the method's own loss, its importances are checkpointed and
+restored like any plugin's state (harness.state). `regularizer_lambda` weighs the penalty;
+0 keeps the value used for the same strategy by name (`ewc`, `si`, `mas`, `rwalk`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from harness.params import Param
+
+# The penalty weight of each when regularizer_lambda is 0: the defaults of the strategies by
+# name (methods/avalanche.py; EWC's chosen on quickdraw20_2x10).
+DEFAULT_LAMBDA = {"ewc": 100.0, "si": 1.0, "mas": 1.0, "rwalk": 0.1}
+
+REGULARISER_PARAMS: dict[str, Param] = {
+    "regularizer": Param("none", "an Avalanche regularisation plugin added to training",
+                         choices=("none", *DEFAULT_LAMBDA)),
+    "regularizer_lambda": Param(0.0, "weight of its penalty; 0 = "
+                                + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LAMBDA.items()), low=0.0),
+}
+
+
+def regulariser_plugins(hp: dict[str, Any]) -> list:
+    """The plugin the settings ask for (none where the method does not declare `regularizer`)."""
+    kind = hp.get("regularizer", "none")
+    if kind == "none":
+        return []
+    from avalanche.training.plugins import EWCPlugin, MASPlugin, RWalkPlugin, SynapticIntelligencePlugin
+
+    weight = hp["regularizer_lambda"] or DEFAULT_LAMBDA[kind]
+    if kind == "ewc":
+        return [EWCPlugin(ewc_lambda=weight)]
+    if kind == "si":
+        return [SynapticIntelligencePlugin(si_lambda=weight)]
+    if kind == "mas":
+        return [MASPlugin(lambda_reg=weight)]
+    return [RWalkPlugin(ewc_lambda=weight)]
