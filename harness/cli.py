@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads per run (default: the cores idle before each task, so other "
                           "processes on the machine do not stall it; fix N to repeat a run bit for bit)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop the sweep at the first run that raises, with its traceback (default: record the "
+                          "failure in the run's error.json, finish the other runs, exit non-zero)")
     run.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
                      help="a method/protocol file or folder to import (repeatable)")
 
@@ -150,7 +153,7 @@ def cmd_run(args) -> int:
                 overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
                 data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
                 quiet=args.quiet or parallel, plugins=tuple(args.plugins + args.run_plugins),
-                threads=n_threads, loggers=tuple(args.logger))
+                threads=n_threads, loggers=tuple(args.logger), fail_fast=args.fail_fast)
         for m in methods for s in args.seeds
     ]
     for spec in specs:
@@ -161,19 +164,34 @@ def cmd_run(args) -> int:
     outcomes = run_all(specs, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
                        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
 
-    protocol_dir = outcomes[0].protocol_dir
-    table_dir = Path(args.out) / protocol_dir
-    if not any(o.status in ("done", "skipped") for o in outcomes):
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in outcomes:
+        if o.status == "busy":  # said even under --quiet: the command did not run it
+            print(f"skip {o.label} seed {o.spec.seed}: another process is running it ({o.path})", file=sys.stderr)
+    table_dir = Path(args.out) / results.protocol_dirname(args.protocol, args.max_train_per_class)
+    if any(o.status in ("done", "skipped") for o in outcomes):
+        try:
+            runs = collect_runs([table_dir])
+            embedded: list = []  # each figure drawn once: files, then the page
+            figure_paths = write_figures(runs, table_dir / "plots", embedded)
+            written = write_report(runs, table_dir, embedded=embedded) + figure_paths
+        except KeyboardInterrupt:
+            print(f"interrupted while writing the table and figures of {table_dir}: every run is finished; "
+                  "the same command writes them again without training", file=sys.stderr)
+            return 130
+        print(render(runs, "md"), end="")
+        _say(args.quiet, f"\nresults: {table_dir}")
+        _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
+    elif not failed:
         _say(args.quiet, "no finished run to tabulate yet: other processes are running these runs")
+    for o in failed:  # last, so they are what the user reads
+        print(o.failure_line(), file=sys.stderr)
+    if not failed:
         return 0
-    runs = collect_runs([table_dir])
-    embedded: list = []  # each figure drawn once: files, then the page
-    figure_paths = write_figures(runs, table_dir / "plots", embedded)
-    written = write_report(runs, table_dir, embedded=embedded) + figure_paths
-    print(render(runs, "md"), end="")
-    _say(args.quiet, f"\nresults: {table_dir}")
-    _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
-    return 0
+    if len(failed) > 1 or len(outcomes) > 1:
+        print(f"{len(failed)} of {len(outcomes)} runs failed; once the cause is fixed the same command resumes "
+              "them from their last checkpoint and skips the finished ones", file=sys.stderr)
+    return 2 if all(o.refused for o in failed) else 1
 
 
 def _show_method(name: str) -> None:
@@ -270,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "plot": cmd_plot}[args.command](args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied, a read-only or special file system
+        if exc.errno is None:
+            raise
+        from harness.errors import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: every finished task is checkpointed; the same command resumes", file=sys.stderr)

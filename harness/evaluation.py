@@ -7,7 +7,7 @@ import torch
 from avalanche.evaluation.metrics import Accuracy
 from torch.utils.data import DataLoader
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, RunDiverged
 from harness.method import materialise
 
 
@@ -62,6 +62,10 @@ class Evaluator:
                 raise HarnessError(
                     f"{who} returned scores of shape {tuple(scores.shape)}; expected ({len(y)}, >= {classes_seen})"
                 )
+            if not bool(torch.isfinite(scores[:, :classes_seen]).all()):
+                # argmax of NaN scores is a constant class: a chance-level "accuracy" that is no measurement
+                raise RunDiverged(f"{who} returned non-finite class scores (NaN or inf) on the test data of task "
+                                  f"{task + 1} after training on {classes_seen} classes")
             pred = scores[:, :classes_seen].argmax(1).cpu()
             pred_til = scores[:, lo:hi].argmax(1).cpu() + lo
             acc.update(pred, y)

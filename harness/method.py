@@ -31,7 +31,7 @@ from harness.nn.augment import AUGMENTATIONS
 from harness.batches import TensorBatches
 from harness.nn.backbones import IncrementalNet, backbone_names, create_backbone
 from harness.data import ImageTensorDataset
-from harness.errors import HarnessError
+from harness.errors import HarnessError, RunDiverged
 from harness.params import Param
 from harness.progress import EpochProgress
 from harness.protocol import Protocol
@@ -160,8 +160,11 @@ class CILMethod(SupervisedTemplate):
         return []
 
     # ---- the tasks after the first (SESSION_PARAMS) -------------------------------------
+    _task_in_training: int | None = None  # the experience whose training loop runs (for failure records)
+
     def _before_training_exp(self, **kwargs):
         super()._before_training_exp(**kwargs)
+        self._task_in_training = self.experience.current_experience
         if self.experience.current_experience > 0:
             self._later_task_settings()
 
@@ -214,6 +217,19 @@ class CILMethod(SupervisedTemplate):
         if self._iteration_schedule is not None:
             self._iteration_schedule.step()
 
+    # ---- run health: a diverged run stops before the optimizer applies its step ----------
+    def _after_backward(self, **kwargs):
+        super()._after_backward(**kwargs)  # plugins (EWC, SI, ...) have added their penalties by now
+        if not bool(torch.isfinite(self.loss.detach()).all()):
+            raise RunDiverged(f"{self.name} diverged: the training loss is {self.loss.detach().item()} at "
+                              f"{self.position()} (lower the learning rate or a penalty weight)")
+
+    def position(self) -> str:
+        """Where training stands, 1-based, for messages: task, epoch, step of the epoch."""
+        c = self.clock
+        return (f"task {c.train_exp_counter + 1}/{self.context.protocol.num_tasks}, epoch {c.train_exp_epochs + 1}, "
+                f"step {c.train_epoch_iterations + 1}")
+
     def restart_optimizer(self, weight_decay: float | None = None) -> None:
         """A fresh optimizer for a new task: no state (momentum, moments) from the last one, the
         settings' lr (and `weight_decay` where given), and no bookkeeping of an old scheduler, so
@@ -229,6 +245,10 @@ class CILMethod(SupervisedTemplate):
     # ---- the harness-facing contract ------------------------------------------------
     def learn(self, experience) -> None:
         self.train(experience)
+
+    def _after_training_exp(self, **kwargs):
+        super()._after_training_exp(**kwargs)
+        self._task_in_training = None
 
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +302,7 @@ class CILMethod(SupervisedTemplate):
 
     def _not_state(self) -> set[str]:
         """Attribute names the automatic checkpoint leaves out."""
-        return {*AVALANCHE_ATTRIBUTES, "context", "hp", "_iteration_schedule", *self.transient}
+        return {*AVALANCHE_ATTRIBUTES, "context", "hp", "_iteration_schedule", "_task_in_training", *self.transient}
 
     def restore(self, state: dict[str, Any], past_experiences: list) -> None:
         """Return to the state saved after training `past_experiences` (a resumed run): the

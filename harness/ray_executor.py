@@ -1,7 +1,7 @@
 """`--executor ray`: every run a Ray task, on a local Ray started on the fly or on a cluster.
 
 The promises of the local executor hold because they live in `runner.execute`, which each
-Ray task calls: a finished run is skipped; a run another process holds (its lock file on the
+Ray task calls: a run that raises is recorded and the others go on; a finished run is skipped; a run another process holds (its lock file on the
 shared results folder) is skipped; a run whose worker died resumes from its last checkpoint,
 whether Ray retries it (`max_retries`) or the user submits the sweep again. Workers write
 only their own run folders; the driver writes the table afterwards.
@@ -36,7 +36,8 @@ def run_on_ray(specs: Sequence, address: str | None = None, cpus_per_run: float 
         import ray
     except ImportError:
         raise HarnessError("--executor ray needs Ray: pip install 'cil-harness[ray]' (or pip install ray)") from None
-    from harness.runner import execute
+    from harness.errors import one_line
+    from harness.runner import execute, failed_outcome
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
@@ -49,17 +50,20 @@ def run_on_ray(specs: Sequence, address: str | None = None, cpus_per_run: float 
     task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=MAX_RETRIES,
                       retry_exceptions=False)(execute)
     refs = [task.remote(_absolute(spec)) for spec in specs]
-    outcomes, first_error = [], None
-    for ref in refs:  # every run finishes (or fails) before the first failure is reported
+    outcomes = []
+    for spec, ref in zip(specs, refs):  # a run's failure is its own: every other run finishes
         try:
             outcomes.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:
-            first_error = first_error or (exc.cause if isinstance(exc.cause, Exception) else exc)
-        except ray.exceptions.WorkerCrashedError as exc:
+        except ray.exceptions.RayTaskError as exc:  # raised outside the run's own fault isolation
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            if spec.fail_fast:
+                raise cause from None
+            outcomes.append(failed_outcome(spec, one_line(cause)))
+        except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory, node lost)
             tries = MAX_RETRIES + 1
-            first_error = first_error or HarnessError(
-                f"a Ray worker died during a run ({tries} {'try' if tries == 1 else 'tries'}); its last checkpoint "
-                f"is kept: the same command resumes it ({type(exc).__name__})")
-    if first_error is not None:
-        raise first_error
+            message = (f"a Ray worker died during the run ({tries} {'try' if tries == 1 else 'tries'}, "
+                       f"{type(exc).__name__}); its last checkpoint is kept: the same command resumes it")
+            if spec.fail_fast:
+                raise HarnessError(message) from None
+            outcomes.append(failed_outcome(spec, message))
     return outcomes

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from harness import failures
 from harness.errors import HarnessError
 from harness.atomic import atomic_write_text
 
@@ -91,6 +92,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
         raise HarnessError("no results folder given")
     paths: dict[Path, None] = {}  # ordered set: the same run reached twice counts once
     skipped: set[Path] = set()
+    failed: dict[Path, dict] = {}  # unfinished runs with a failure record (harness.failures)
     for d in map(Path, dirs):
         if not d.is_dir():
             raise HarnessError(f"results folder {d} does not exist")
@@ -101,6 +103,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
             raise HarnessError(f"no finished run (summary.json) under {d}{extra}")
         paths.update(dict.fromkeys(p.resolve() for p in found))
         skipped |= {p.resolve() for p in unfinished}
+        for record in d.rglob(failures.FILENAME):
+            if not (record.parent / "summary.json").exists():
+                failed[record.parent.resolve()] = failures.read_record(record.parent) or {}
     rows = [_load(p) for p in paths]
     runs = pd.DataFrame(rows)
     dup = runs[runs.duplicated(["protocol", "label", "seed"], keep=False)]
@@ -113,6 +118,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
     for k in NUMERIC:  # None (undefined, or absent from an older summary) -> NaN
         runs[k] = pd.to_numeric(runs[k], errors="coerce") if k in runs else np.nan
     runs.attrs["skipped"] = sorted(map(str, skipped))
+    runs.attrs["failed"] = [{"path": str(p), **failed[p]} for p in sorted(failed)]
     if skipped:
         log.warning("skipped %d unfinished run(s) without summary.json", len(skipped))
     return runs
@@ -258,6 +264,16 @@ def _latex(t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failed_note(runs: pd.DataFrame) -> str:
+    """The runs that failed under these folders, which the table leaves out (markdown)."""
+    failed = runs.attrs.get("failed") or []
+    if not failed:
+        return ""
+    lines = [f"- {r.get('label', '?')} seed {r.get('seed', '?')}: {r.get('message', 'failed')} "
+             f"({Path(r['path']) / failures.FILENAME})" for r in failed]
+    return "\nFailed runs, not in the table (the same command resumes them):\n\n" + "\n".join(lines) + "\n"
+
+
 def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions: bool = False) -> str:
     """The report as text: "md" / "latex" (paper table), "csv" (summary_table) or "html" (one
     self-contained page with the figures, harness.html_report); with `sessions`, the
@@ -270,7 +286,7 @@ def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions:
             return table.to_csv()
         return _markdown(table) if fmt == "md" else _latex(table)
     if fmt == "md":
-        return _markdown(paper_table(runs))
+        return _markdown(paper_table(runs)) + _failed_note(runs)
     if fmt == "latex":
         return _latex(paper_table(runs))
     if fmt == "csv":

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -77,6 +78,13 @@ def check_output_dir(out: Path) -> None:
         raise HarnessError(f"output folder {out} cannot be made: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise HarnessError(f"output folder {out} is not writable")
+    # Permission bits do not tell everything (a read-only mount, /proc, a full disk's quota): try it.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise HarnessError(f"output folder {out} cannot be written: {exc.strerror or exc}") from None
 
 
 def environment() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
@@ -24,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
-from harness import checkpoint, loggers, metrics, results, threads
-from harness.errors import HarnessError
+from harness import checkpoint, failures, loggers, metrics, results, threads
+from harness.errors import HarnessError, RunDiverged, one_line
 from harness.evaluation import Evaluator
 from harness.method import CILMethod, MethodContext
 from harness.params import resolve_params
@@ -54,16 +55,39 @@ class RunSpec:
     plugins: tuple[str, ...] = ()
     threads: int | None = None  # CPU threads; None: follow the idle cores (harness.threads)
     loggers: tuple[str, ...] = ()  # --logger: tensorboard, wandb, csv (harness.loggers); results do not depend on them
+    fail_fast: bool = False  # a run that raises stops the sweep (else it is recorded and the others go on)
 
 
 @dataclass
 class RunOutcome:
     spec: RunSpec
-    status: str  # "done", "skipped" (finished before) or "busy" (another process runs it)
+    status: str  # "done", "skipped" (finished before), "busy" (another process runs it) or "failed"
     path: str
     label: str
     protocol_dir: str
     summary: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # failed: the one-line account
+    record: str | None = None  # failed: its error.json (None: refused before it started, or the disk refused)
+    refused: bool = False  # failed on the user's input, a missing resource or the OS's refusal: exit code 2
+
+    def failure_line(self) -> str:
+        if self.record is None and self.refused:
+            return f"error: {self.error}"
+        where = f" (details: {self.record})" if self.record else ""
+        return f"failed: {self.label} seed {self.spec.seed}: {self.error}{where}"
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Input the user fixes or a resource the system refused (exit code 2), not a run that broke."""
+    return (isinstance(exc, HarnessError) and not isinstance(exc, RunDiverged)) or (
+        isinstance(exc, OSError) and exc.errno is not None)
+
+
+def failed_outcome(spec: RunSpec, message: str) -> RunOutcome:
+    """A run that failed outside its own process (a worker that died): its folder, no record."""
+    label, protocol_dir, _, _ = plan_label(spec)
+    path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
+    return RunOutcome(spec, "failed", str(path), label, protocol_dir, error=message)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,21 +128,48 @@ def plan_label(spec: RunSpec) -> tuple[str, str, dict, dict]:
 
 
 def execute(spec: RunSpec) -> RunOutcome:
-    discover(spec.plugins)
-    label, protocol_dir, hp, changed = plan_label(spec)
+    """One run. An exception is the run's failure, not the sweep's: it is recorded in the run's
+    folder (harness.failures) and returned as a "failed" outcome, unless spec.fail_fast."""
+    try:
+        discover(spec.plugins)
+        label, protocol_dir, hp, changed = plan_label(spec)
+    except Exception as exc:
+        if spec.fail_fast:
+            raise
+        return RunOutcome(spec, "failed", "", spec.method, spec.protocol, error=one_line(exc), refused=_refusal(exc))
     path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
     if results.is_finished(path) and not spec.force:
         return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
 
-    path.mkdir(parents=True, exist_ok=True)
-    with results.run_lock(path) as locked:
-        if not locked:
-            _say(spec, f"skip {label} seed {spec.seed}: another process is running it ({path})")
-            return RunOutcome(spec, "busy", str(path), label, protocol_dir)
-        return _execute_locked(spec, label, protocol_dir, hp, changed, path)
+    state: dict[str, Any] = {"position": failures.where("setup")}
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with results.run_lock(path) as locked:
+            if not locked:
+                return RunOutcome(spec, "busy", str(path), label, protocol_dir)
+            try:
+                return _execute_locked(spec, label, protocol_dir, hp, changed, path, state)
+            except Exception as exc:
+                started = (path / "config.json").exists()
+                record = None
+                if started or not isinstance(exc, HarnessError):  # a refusal before any work leaves nothing
+                    record = failures.write_record(path, exc, state.get("identity", {"label": label,
+                                                   "method": spec.method, "seed": spec.seed}), state["position"])
+                if spec.fail_fast:
+                    raise
+                outcome = RunOutcome(spec, "failed", str(path), label, protocol_dir, error=one_line(exc),
+                                     record=None if record is None else str(record), refused=_refusal(exc))
+                if record is not None:
+                    _say(spec, outcome.failure_line() + "; the other runs go on")
+                return outcome
+    except OSError as exc:  # the run folder or its lock cannot be made
+        if spec.fail_fast:
+            raise
+        return RunOutcome(spec, "failed", str(path), label, protocol_dir, error=one_line(exc), refused=True)
 
 
-def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, changed: dict, path: Path) -> RunOutcome:
+def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, changed: dict, path: Path,
+                    state: dict[str, Any]) -> RunOutcome:
     if spec.threads is not None:
         threads.fix(spec.threads)
     if results.is_finished(path) and not spec.force:  # finished while we waited for the lock
@@ -130,6 +181,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     identity = {"method": spec.method, "label": label, "protocol": protocol.to_dict(),
                 "params": {k: v for k, v in hp.items() if declared[k].affects_results},
                 "seed": spec.seed, "max_train_per_class": spec.max_train_per_class}
+    state["identity"] = {**identity, "protocol": protocol_dir}
     ckpt_path = path / checkpoint.FILENAME
     saved = None
     if ckpt_path.exists() and not (spec.force or spec.restart):
@@ -147,6 +199,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
                             images=len(data.train) + len(data.test), data_root=spec.data_root,
                             evaluator=loggers.evaluation_plugin(run_loggers))
     method = cls(context=context, hp=hp)
+    state["method"] = method
 
     (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
     progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
@@ -182,14 +235,22 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
         classes_seen += len(experience.classes_in_this_experience)
         n_threads = threads.follow_load()
         t_zero = time.perf_counter()
+        state["position"] = failures.where("zero-shot evaluation", step)
         if zero_shot:
             zs, n_zs, _ = evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step, classes_seen,
                                                f"method {method.name} (zero_shot_scores)")
             progress["zero_shot"].append(zs)
         t0 = time.perf_counter()
-        method.learn(experience)
+        state["position"] = failures.where("training", step)
+        try:
+            method.learn(experience)
+        except Exception:
+            state["position"] = failures.where("training", step, method)  # the epoch and step it stopped in
+            raise
         t1 = time.perf_counter()
+        state["position"] = failures.where("evaluation", step)
         scores = evaluator.evaluate(method, step, classes_seen)
+        state["position"] = failures.where("results", step)
         seen_acc = scores.seen
         t2 = time.perf_counter()
         progress["train_time_s"] += t1 - t0
@@ -220,6 +281,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
                         f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})"
                         + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zero_shot else ""))
     tasks.close()
+    state["position"] = failures.where("results")
     loggers.log_final(run_loggers, progress["matrix"], protocol_dir, label, method.clock.total_iterations)
     loggers.close(run_loggers)
 
@@ -238,6 +300,7 @@ def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, chan
     if None not in progress["task_il_step_accuracy"]:  # a run resumed from before Task-IL has no full record
         summary.update(metrics.summarise_task_il(progress["task_il_matrix"], progress["task_il_step_accuracy"]))
     results.write_summary(path, summary)
+    failures.clear_record(path)  # an earlier failure of this run is history now
     return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
 
 
@@ -270,4 +333,14 @@ def run_all(specs: Sequence[RunSpec], workers: int = 1, executor: str = "local",
     if workers <= 1:
         return [execute(s) for s in specs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(execute, specs))
+        futures = [pool.submit(execute, s) for s in specs]
+        outcomes = []
+        for spec, future in zip(specs, futures):
+            try:
+                outcomes.append(future.result())
+            except BrokenProcessPool as exc:  # a worker was killed (signal, out of memory): the pool is gone
+                if spec.fail_fast:
+                    raise
+                outcomes.append(failed_outcome(spec, f"a worker process died during the sweep ({exc}); "
+                                                     "every finished task is checkpointed: the same command resumes"))
+        return outcomes

@@ -85,9 +85,11 @@ def test_without_retries_the_next_submission_resumes(tmp_path, monkeypatch, caps
     plugin, marker = _plugin(tmp_path, "dies_resubmitted")
     args = ["--plugins", str(plugin), "run", "--methods", "dies_resubmitted", *QUICK, "--threads", "1",
             "--executor", "ray", "--out", str(tmp_path / "ray")]
-    assert main(args) == 2
+    assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: a Ray worker died during a run (1 try); its last checkpoint is kept")
+    assert len(err) == 1 and err[0].startswith(
+        "failed: dies_resubmitted+epochs=1 seed 0: a Ray worker died during the run (1 try, ")
+    assert err[0].endswith("its last checkpoint is kept: the same command resumes it")
     run = tmp_path / "ray" / PROTOCOL_DIR / "dies_resubmitted+epochs=1" / "seed0"
     assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
     assert main(args) == 0  # the same command again
@@ -95,3 +97,44 @@ def test_without_retries_the_next_submission_resumes(tmp_path, monkeypatch, caps
     assert main(["--plugins", str(plugin), "run", "--methods", "dies_resubmitted", *QUICK, "--threads", "1",
                  "--out", str(tmp_path / "local")]) == 0
     assert _matrices(tmp_path / "ray") == _matrices(tmp_path / "local")
+
+
+def test_a_failing_run_does_not_stop_a_sweep_on_ray(tmp_path, capsys):
+    from test_faults import sweep_with_a_failure
+
+    sweep_with_a_failure(tmp_path, capsys, "boom_ray", "--executor", "ray")
+
+
+def test_a_sweep_whose_driver_is_killed_resumes_to_the_straight_matrices(tmp_path):
+    """kill -9 of the driver (and of the local Ray it started) in the middle of a sweep: the
+    same command, submitted again, finishes every run with the matrices of a straight sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep = ["run", "--methods", "finetune", "icarl", *QUICK, "--threads", "1", "--executor", "ray"]
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *sweep, "--out", str(broken)], cwd=repo,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(broken.rglob("checkpoint.pt")):  # one task of some run is done: mid-sweep
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not list(broken.rglob("summary.json")) or len(list(broken.rglob("summary.json"))) < 2
+    deadline = time.time() + 120  # a Ray worker outside the session may take a moment to notice
+    while True:
+        try:
+            assert main([*sweep, "--out", str(broken)]) == 0
+            if len(_matrices(broken)) == 2:
+                break
+        except AssertionError:
+            pass
+        assert time.time() < deadline, "the resubmitted sweep never finished both runs"
+        time.sleep(1)
+    assert main([*sweep[:-2], "--out", str(tmp_path / "straight")]) == 0
+    assert _matrices(broken) == _matrices(tmp_path / "straight")
