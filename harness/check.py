@@ -13,6 +13,7 @@ pinned CPU thread) in a temporary folder, four times, and checks:
 from __future__ import annotations
 
 import tempfile
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,8 +105,13 @@ def _recording(cls: type, recorder: _FinalScores):
 
 
 def _one_line(exc: BaseException) -> str:
+    """The exception in one line, with the file and line of the deepest frame outside the
+    installed packages (the method's own code, where the fix usually is)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename
+              and "/lib/python" not in f.filename]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {text[0] if text else ''}{where}"
 
 
 def _budget(hp: dict, num_classes: int, memory) -> tuple[str, int, int] | None:
@@ -134,7 +140,7 @@ def check_method(method: str, protocol: str = "quickdraw20_2x10", overrides: Seq
     with tempfile.TemporaryDirectory(prefix="harness-check-") as tmp, _threads_restored():
         base = RunSpec(method=method, protocol=protocol, seed=seed, out=str(Path(tmp) / "straight"), device="cpu",
                        overrides=tuple(overrides), epochs=epochs, max_train_per_class=max_train_per_class,
-                       quiet=True, plugins=tuple(plugins), threads=1)
+                       quiet=True, plugins=tuple(plugins), threads=1, fail_fast=True)  # a failure is the finding
         _, _, hp, _ = plan_label(base)  # bad --set values fail here, with the usual one line
         straight_scores = _FinalScores()
         try:

@@ -27,7 +27,7 @@ def straight_and_resumed(tmp_path, monkeypatch):
 
     def run(**spec):
         discover()
-        straight = execute(RunSpec(out=str(tmp_path / "straight"), **spec)).summary
+        straight = execute(RunSpec(out=str(tmp_path / "straight"), fail_fast=True, **spec)).summary
         cls, calls = METHODS.get(spec["method"]), []
         learn = cls.learn
 
@@ -41,7 +41,7 @@ def straight_and_resumed(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             execute(RunSpec(out=str(tmp_path / "resumed"), **spec))
         monkeypatch.setattr(cls, "learn", learn)
-        resumed = execute(RunSpec(out=str(tmp_path / "resumed"), **spec)).summary
+        resumed = execute(RunSpec(out=str(tmp_path / "resumed"), fail_fast=True, **spec)).summary
         assert resumed["resumed"] is True
         return straight, resumed
 

@@ -121,3 +121,25 @@ def test_check_refuses_a_bad_setting_in_one_line(capsys):
     assert main(["check", "icarl", "--set", "icarl.memory=-3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: icarl.memory=-3: must be >= 1"
+
+
+WRONG_DIM = '''
+from harness.registry import register_method
+from methods.finetune import Finetune
+
+@register_method("wrong_dim")
+class WrongDim(Finetune):
+    description = "class_scores indexes a dimension its scores lack"
+
+    def class_scores(self, x):
+        return super().class_scores(x).sum(1).softmax(2)
+'''
+
+
+def test_a_failing_check_names_the_file_and_line_of_the_method(tmp_path, capsys):
+    plugin = tmp_path / "wrong_dim.py"
+    plugin.write_text(WRONG_DIM)
+    assert main(["--plugins", str(plugin), "check", "wrong_dim"]) == 1
+    line = next(row for row in capsys.readouterr().out.splitlines() if "runs end to end" in row)
+    assert line.startswith("  FAIL  runs end to end: IndexError: Dimension out of range")
+    assert line.endswith(f"(at {plugin}:10, in class_scores)")
