@@ -120,7 +120,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--random-weights", action="store_true")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="as gmm.precision")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("auto", "fp32", "bf16"),
+                    help="the frozen LM's precisions to time, one after the other (as gmm.precision)")
     ap.add_argument("--question", default="after_image", choices=("after_image", "before_image"), help="as gmm.question")
     ap.add_argument("--visual-tokens", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=112, help="GMM's QuickDraw setting")
@@ -144,6 +145,14 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=LANDED, help="git revision, or a copy of its harness/vlm.py, to compare "
                     "with ('' skips it)")
     args = ap.parse_args(argv)
+    summaries = [measure(args, precision, baseline=args.baseline if i == 0 else "")
+                 for i, precision in enumerate(args.precision)]
+    print("\n" + "\n".join(summaries))
+
+
+def measure(args, precision: str, baseline: str) -> str:
+    """Time one precision of the frozen LM (and the landed code, where `baseline`); returns the summary."""
+    print(f"\n=== gmm.precision={precision}", flush=True)
     dev = torch.device(args.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -161,10 +170,16 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     vlm = random_stack(1, args.visual_tokens, args.image_size) if args.random_weights else \
         V.build_stack("offline", in_channels=1, visual_tokens=args.visual_tokens, image_size=args.image_size)
-    vlm.set_lm_dtype(V.lm_precision(args.precision, dev))
+    shape = (16 * 31, vlm.lm.config.hidden_size, vlm.lm.config.intermediate_size)  # a training step's tokens
+    dtype, record = V.lm_precision(precision, dev, shape)
+    _, auto = V.lm_precision("auto", dev, shape)
+    print(f"gmm.precision=auto would take {auto['precision']} here: fp32 {auto['gflops']['fp32']:.0f} GFLOPS, bf16 "
+          f"{auto['gflops']['bf16']:.0f} on the LM's {'x'.join(map(str, shape))} product ({auto['rule']}; "
+          f"{auto['measured_on']})", flush=True)
+    vlm.set_lm_dtype(dtype)
     vlm.set_question("What is this drawing of?", before_image=args.question == "before_image")
     vlm.to(dev)
-    old = landed_stack(args.baseline, vlm, "What is this drawing of?") if args.baseline else None
+    old = landed_stack(baseline, vlm, "What is this drawing of?") if baseline else None
     if args.compile:
         print(f"compiled {vlm.compile_pointwise()} LM modules (MLPs and norms)", flush=True)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
@@ -304,16 +319,20 @@ def main(argv=None) -> None:
 
     print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
     tb, eb = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
+    summary = (f"summary ({dev}, LM in {precision}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval "
+               f"{rates['eval'][eb]:.1f} images/s (batch {eb}); fp32 GEMM {gemm_start:.0f} GFLOPS")
     print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
           f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "
           f"{rates['bare'][eb]:.1f})")
     if old is not None and rates["train_landed"] and rates["eval_landed"]:
         ltb = max(rates["train_landed"], key=rates["train_landed"].get)
         leb = max(rates["eval_landed"], key=rates["eval_landed"].get)
-        print(f"landed code ({args.baseline}): train {rates['train_landed'][ltb]:.1f} samples/s (batch {ltb}), eval "
+        print(f"landed code ({baseline}): train {rates['train_landed'][ltb]:.1f} samples/s (batch {ltb}), eval "
               f"{rates['eval_landed'][leb]:.1f} images/s (batch {leb}) -> speed-up "
               f"x{rates['train'][tb] / rates['train_landed'][ltb]:.2f} train, "
               f"x{rates['eval'][eb] / rates['eval_landed'][leb]:.2f} eval (each code at its best batch above)")
+
+    return summary
 
 
 if __name__ == "__main__":

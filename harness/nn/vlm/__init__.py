@@ -25,7 +25,7 @@ Never trust_remote_code: only architectures transformers itself implements are l
 from harness.nn.vlm.answers import answer_sentence, article, class_text, text_scores
 from harness.nn.feature_cache import FeatureCache, feature_cache, image_keys
 from harness.nn.vlm.image_encoders import EfficientNetTokens, HFVisionTokens, TinyConvEncoder
-from harness.nn.vlm.language_models import lm_precision, native_bf16, smollm2_path
+from harness.nn.vlm.language_models import lm_precision, measured_rates, precision_choice, smollm2_path
 from harness.nn.vlm.model import CHATML, LLAVA, ChatFormat, ProcessorChat, VisionLanguageModel
 from harness.nn.vlm.paths import INSTALL_HINT, SMOLLM_GGUF, cache_dir
 from harness.nn.vlm.stacks import build_stack, hf_llava_stack, offline_stack, register_stack, tiny_stack
@@ -35,7 +35,7 @@ from harness.nn.vlm.tokenizers import ByteTokenizer, HFTokenizer
 
 __all__ = [
     "answer_sentence", "article", "class_text", "text_scores", "FeatureCache", "feature_cache", "image_keys",
-    "EfficientNetTokens", "HFVisionTokens", "TinyConvEncoder", "lm_precision", "native_bf16", "smollm2_path",
+    "EfficientNetTokens", "HFVisionTokens", "TinyConvEncoder", "lm_precision", "measured_rates", "precision_choice", "smollm2_path",
     "CHATML", "LLAVA", "ChatFormat", "ProcessorChat", "VisionLanguageModel", "INSTALL_HINT", "SMOLLM_GGUF",
     "cache_dir", "build_stack", "hf_llava_stack", "offline_stack", "register_stack", "tiny_stack",
     "CLIPTextEncoder", "NgramTextEncoder", "SentenceTextEncoder", "minilm_text_encoder", "text_encoder_by_name",

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from harness.atomic import atomic_write_json
 from harness.errors import HarnessError
 from harness.nn.vlm.paths import INSTALL_HINT, SMOLLM_GGUF, cache_dir
 
@@ -69,19 +73,91 @@ def _tiny_llama(vocab: int, hidden: int = 64, layers: int = 2, seed: int = 0) ->
     return LlamaForCausalLM(cfg)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are faster than fp32 here: on CUDA, and on CPUs with AMX.
-    AVX-512 BF16 alone is not enough: on such a 2-core Xeon, torch's bf16 GEMMs ran at 150-180
-    GFLOPS against fp32's 260-300, and a GMM training step took 2.7x longer in bf16."""
+# bf16 is taken where its matrix products run at least this much faster than fp32's: the gain
+# must outweigh bf16's coarser sums, and a margin keeps timing noise from flipping the choice.
+BF16_MARGIN = 1.25
+_RATES_FILE = "precision.json"
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    return False
+        torch.cuda.synchronize(device)
 
 
-def lm_precision(choice: str, device: torch.device) -> torch.dtype:
-    """The frozen LM's weight dtype for a `precision` setting (auto, fp32, bf16)."""
+def matmul_gflops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+                  seconds: float = 0.2) -> float:
+    """GFLOPS of a (rows x inner) @ (inner x outer) linear in `dtype` on `device`, timed for ~`seconds`."""
+    rows, inner, outer = shape
+    x = torch.randn(rows, inner, device=device, dtype=dtype, generator=None)
+    w = torch.randn(outer, inner, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, first-touch allocation
+        torch.nn.functional.linear(x, w)
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while True:
+        torch.nn.functional.linear(x, w)
+        n += 1
+        if n % 4 == 0:
+            _sync(device)
+            if time.perf_counter() - start >= seconds:
+                break
+    return n * 2 * rows * inner * outer / (time.perf_counter() - start) / 1e9
+
+
+def _machine_key(device: torch.device, shape: tuple[int, int, int]) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                     if line.startswith("model name")), platform.processor() or platform.machine())
+        what += f", {torch.get_num_threads()} threads"
+    return f"{device.type}: {what}; torch {torch.__version__}; shape {'x'.join(map(str, shape))}"
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def measured_rates(device: torch.device, shape: tuple[int, int, int]) -> dict[str, float]:
+    """fp32 and bf16 GFLOPS of one of the frozen LM's matrix products on this machine, measured
+    once (under a second) and cached per device model, thread count, torch version and shape."""
+    cache = cache_dir() / _RATES_FILE
+    key = _machine_key(device, shape)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict) and {"fp32", "bf16"} <= set(known[key]):
+        return {k: float(known[key][k]) for k in ("fp32", "bf16")}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG is untouched
+        rates = {"fp32": matmul_gflops(device, torch.float32, shape),
+                 "bf16": matmul_gflops(device, torch.bfloat16, shape)}
+    known = known if isinstance(known, dict) else {}
+    known[key] = {k: round(v, 1) for k, v in rates.items()}
+    try:
+        atomic_write_json(cache, known)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rates
+
+
+def precision_choice(device: torch.device, shape: tuple[int, int, int]) -> tuple[torch.dtype, dict]:
+    """`precision=auto`: bf16 where this machine's bf16 product is at least BF16_MARGIN times as
+    fast as fp32's, else fp32; returns the dtype and the record config.json keeps."""
+    rates = measured_rates(device, shape)
+    bf16 = rates["bf16"] >= BF16_MARGIN * rates["fp32"]
+    return (torch.bfloat16 if bf16 else torch.float32), {
+        "precision": "bf16" if bf16 else "fp32", "rule": f"bf16 where >= {BF16_MARGIN}x fp32's GFLOPS",
+        "gflops": {k: round(v, 1) for k, v in rates.items()}, "measured_on": _machine_key(device, shape)}
+
+
+def lm_precision(choice: str, device: torch.device,
+                 shape: tuple[int, int, int] = (496, 576, 1536)) -> tuple[torch.dtype, dict]:
+    """The frozen LM's weight dtype for a `precision` setting (auto, fp32, bf16) and its record;
+    `shape` is one of the LM's matrix products (rows, hidden, intermediate) for `auto`'s timing."""
     if choice == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+        return precision_choice(device, shape)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice], {"precision": choice, "rule": "set"}

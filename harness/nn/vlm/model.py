@@ -131,7 +131,8 @@ class VisionLanguageModel(nn.Module):
 
     def set_lm_dtype(self, dtype: torch.dtype) -> None:
         """Keep the frozen LM's weights in `dtype` (bf16 halves the bytes every step reads; it
-        pays on CUDA and AMX CPUs, see native_bf16); the trainable projection stays float32."""
+        pays where bf16 products are faster, see language_models.precision_choice); the trainable projection
+        stays float32."""
         for p in self._lm_own_parameters():  # buffers (rotary frequencies) stay float32
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
