@@ -22,6 +22,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default: {default})"
+        return text
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -47,13 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
                         help="a method/protocol file or folder to import (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    helpful = dict(formatter_class=_Help)
 
-    run = sub.add_parser("run", help="train methods through a protocol; writes results, table and figures")
-    run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="M")
-    run.add_argument("--protocol", default=DEFAULT_PROTOCOL, metavar="P")
-    run.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="K")
-    run.add_argument("--out", default=DEFAULT_OUT, metavar="DIR")
-    run.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    run = sub.add_parser("run", help="train methods through a protocol; writes results, table and figures",
+                         description="Train every method x seed through a protocol (each a run with its own folder "
+                                     "under --out/PROTOCOL/LABEL/seedK), then write the protocol's table, sessions, "
+                                     "figures and HTML page from every finished run there.",
+                         epilog="example: python -m harness run --methods finetune icarl --protocol "
+                                "quickdraw100_10x10 --seeds 0 1 --set icarl.memory=1000", **helpful)
+    run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
+                     help="registered method names (`list` shows them)")
+    run.add_argument("--protocol", default=DEFAULT_PROTOCOL, metavar="P", help="a registered protocol (`list`)")
+    run.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="K", help="one run per seed")
+    run.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="results folder")
+    run.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                     help="auto: CUDA where available, else CPU")
     run.add_argument("--epochs", type=_positive, help="epochs per task for every method")
     run.add_argument("--max-train-per-class", type=_positive, metavar="N", help="cap training samples per class")
     run.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -84,29 +104,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a method/protocol file or folder to import (repeatable)")
 
     ls = sub.add_parser("list", help="methods, protocols and which data is present; "
-                                     "`list METHOD` shows a method's settings")
-    ls.add_argument("method", nargs="?", metavar="METHOD", help="show this method's settings and recipes")
-    ls.add_argument("--data-root", metavar="DIR")
+                                     "`list METHOD` shows a method's settings",
+                        description="Without a name: every method, the Avalanche strategies not offered, every "
+                                    "protocol and whether its data is present. With a method: its settings (type, "
+                                    "default, allowed values) and recipes; with a protocol: its shape, class order "
+                                    "and data.",
+                        epilog="examples: python -m harness list | python -m harness list icarl --protocol "
+                               "quickdraw100_10x10 | python -m harness list quickdraw_fscil", **helpful)
+    ls.add_argument("method", nargs="?", metavar="NAME", help="a method or a protocol to show")
+    ls.add_argument("--protocol", metavar="P", help="with a method: the values its settings resolve to on P")
+    ls.add_argument("--data-root", metavar="DIR", help="where datasets live (default $CIL_DATA or "
+                    "~/.cache/cil-harness/data)")
 
     check = sub.add_parser("check", help="run a method straight, twice, and killed-and-resumed on a tiny "
-                                         "protocol; check matrices, score shapes and memory budget")
-    check.add_argument("method", metavar="METHOD")
-    check.add_argument("--protocol", default="quickdraw20_2x10")
-    check.add_argument("--set", action="append", nargs="+", default=[], dest="sets", metavar="KEY=VALUE")
-    check.add_argument("--epochs", type=_positive, default=1)
-    check.add_argument("--max-train-per-class", type=_positive, default=8)
-    check.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins")
+                                         "protocol; check matrices, score shapes and memory budget",
+                           description="Does a method keep the harness's promises? Runs it on a tiny protocol in a "
+                                       "temporary folder: straight, again, and killed after task 1 then resumed; "
+                                       "prints ok/FAIL per promise; exit code 1 when one fails.",
+                           epilog="example: python -m harness --plugins my_method.py check my_method", **helpful)
+    check.add_argument("method", metavar="METHOD", help="a registered method")
+    check.add_argument("--protocol", default="quickdraw20_2x10", help="the protocol to check on")
+    check.add_argument("--set", action="append", nargs="+", default=[], dest="sets", metavar="KEY=VALUE",
+                       help="settings to check with, as for run")
+    check.add_argument("--epochs", type=_positive, default=1, help="epochs per task")
+    check.add_argument("--max-train-per-class", type=_positive, default=8, help="training images per class")
+    check.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
+                       help="a method/protocol file or folder to import (repeatable)")
 
-    report = sub.add_parser("report", help="print the paper table of finished runs")
-    report.add_argument("dirs", nargs="+", metavar="DIR")
+    report = sub.add_parser("report", help="print the paper table of finished runs",
+                            description="Print the table of every finished run (summary.json) under the folders; "
+                                        "failed runs are listed under the markdown table, never as rows.",
+                            epilog="example: python -m harness report results/quickdraw100_10x10 --format latex",
+                            **helpful)
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="results folders, searched recursively")
     report.add_argument("--format", default="md", choices=("md", "latex", "csv", "html"),
                         help="html: one self-contained page (figures embedded), also written by every run")
     report.add_argument("--sessions", action="store_true",
                         help="the accuracy after each task (session) and PD = A_1 - A_T, as few-shot CIL papers "
                              "print it (md, latex or csv; every run also writes sessions.md and sessions.csv)")
 
-    plot = sub.add_parser("plot", help="write the figures of finished runs")
-    plot.add_argument("dir", metavar="DIR")
+    plot = sub.add_parser("plot", help="write the figures of finished runs",
+                          epilog="example: python -m harness plot results/quickdraw100_10x10 --out figures",
+                          **helpful)
+    plot.add_argument("dir", metavar="DIR", help="a results folder, searched recursively")
     plot.add_argument("--out", metavar="DIR", help="where figures go (default DIR/plots)")
     return parser
 
@@ -133,6 +173,11 @@ def cmd_run(args) -> int:
     protocol = get_protocol(args.protocol)
     overrides = parse_set_options([item for group in args.sets for item in group])
     validate_set_options(overrides, methods)
+    if args.epochs is not None:  # two sources of one setting: say which wins instead of picking one
+        clash = next((o for o in overrides if o[1] in ("epochs", "init_epochs")), None)
+        if clash is not None:
+            raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs {args.epochs} "
+                               "both set the epochs: give one of them")
     resolve_device(args.device)
     results.check_output_dir(Path(args.out))
     from harness.loggers import check_available
@@ -194,20 +239,66 @@ def cmd_run(args) -> int:
     return 2 if all(o.refused for o in failed) else 1
 
 
-def _show_method(name: str) -> None:
+def _show_method(name: str, protocol_name: str | None = None) -> None:
+    import textwrap
+
+    from harness.params import resolve_params
     from harness.registry import METHODS
 
     cls = METHODS.get(name)
-    print(f"{name}: {cls.description}\n  defined in {METHODS.source(name)}\n\nsettings (--set {name}.KEY=VALUE):")
+    resolved = None
+    if protocol_name:
+        from harness.protocol import get_protocol
+
+        resolved, _ = resolve_params(cls, get_protocol(protocol_name).family, (), {})
+    print(f"{name}: {cls.description}\n  defined in {METHODS.source(name)}\n\nsettings (--set {name}.KEY=VALUE)"
+          + (f", with the values they take on {protocol_name}:" if resolved else ":"))
+    rows = []
     for key, param in sorted(cls.params.items()):
         kind = param.type.__name__ if param.default is not None or param.kind else "str"
         allowed = ("one of " + "|".join(map(str, param.choices)) if param.choices is not None
                    else " ".join(f"{op} {v}" for op, v in ((">=", param.low), ("<=", param.high)) if v is not None))
-        print(f"  {key:<20} {kind:<6} {param.default!s:<12} {allowed:<28} {param.help}")
+        value = resolved[key] if resolved else param.default
+        rows.append((key, kind, _short(value), allowed, param.help))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for key, kind, value, allowed, text in rows:
+        head = f"  {key:<{widths[0]}}  {kind:<{widths[1]}}  {value:<{widths[2]}}  "
+        body = "; ".join(x for x in (allowed, text) if x)
+        print(head + textwrap.fill(body, 100, subsequent_indent=" " * len(head)).lstrip() if body else head.rstrip())
     for family, recipe in sorted(getattr(cls, "protocol_defaults", {}).items()):
         print(f"\n{family} protocols: " + " ".join(f"{k}={v}" for k, v in recipe.items()))
     for condition, recipe in sorted(getattr(cls, "setting_defaults", {}).items()):
         print(f"\nwith {condition}: " + " ".join(f"{k}={v}" for k, v in recipe.items()))
+
+
+def _short(value, width: int = 14) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _show_protocol(name: str, data_root: str | None) -> None:
+    from harness import data as data_mod
+    from harness.data import class_order
+    from harness.errors import DataMissing
+    from harness.registry import PROTOCOLS
+
+    p = PROTOCOLS.get(name)
+    print(f"{name}: {p.description or p.shape}\n  defined in {PROTOCOLS.source(name)}\n  shape: {p.shape}\n"
+          f"  dataset: {p.dataset} ({p.image_size}x{p.image_size}, {p.channels} channel(s)), family {p.family}")
+    try:
+        splits = data_mod.load_splits(p, data_root)
+    except DataMissing as exc:
+        print(f"  data: missing ({exc})")
+        return
+    order = class_order(p, list(splits.class_names))
+    names = [splits.class_names[c] for c in order]
+    print(f"  data: present ({len(splits.train)} training and {len(splits.test)} test images in the dataset)")
+    where = (f"explicit list" if p.class_order else f"numpy RandomState({p.class_order_seed}).permutation")
+    print(f"  class order ({where}), label k = the k-th class to arrive:")
+    start = 0
+    for t, n in enumerate(p.classes_per_task()):
+        print(f"    task {t + 1}: " + ", ".join(names[start:start + n]))
+        start += n
 
 
 def cmd_list(args) -> int:
@@ -216,7 +307,10 @@ def cmd_list(args) -> int:
     from harness.registry import IMPORT_ERRORS, METHODS, PROTOCOLS
 
     if args.method:
-        _show_method(args.method)
+        if args.method in PROTOCOLS.names() and args.method not in METHODS.names():
+            _show_protocol(args.method, args.data_root)
+        else:
+            _show_method(args.method, args.protocol)
         return 0
     print("methods:")
     for name in METHODS.names():

@@ -160,6 +160,7 @@ BAD = [
     (["run", "--device", "cuda"] if not __import__("torch").cuda.is_available() else ["run", "--device", "tpu"],
      "no CUDA device" if not __import__("torch").cuda.is_available() else "invalid choice"),
     (["report", "{tmp}/nothing_here"], "does not exist"),
+    (["run", "--methods", "finetune", "--set", "finetune.epochs=3", "--epochs", "1"], "both set the epochs"),
     (["--plugins", "{tmp}/missing.py", "list"], "does not exist"),
 ]
 
@@ -279,3 +280,26 @@ def test_list_method_shows_its_settings_and_recipes(capsys):
     assert "quickdraw protocols: backbone=convnet_bn" in out
     assert run_cli("list", "icarll") == 2  # a typo: the usual one line with a suggestion
     assert "did you mean icarl?" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_explains_itself():
+    from harness.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        assert sub.epilog and "example" in sub.epilog, name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    assert "(default: quickdraw20_2x10)" in " ".join(commands["run"].format_help().split())
+
+
+def test_list_shows_a_protocol_and_a_method_as_a_protocol_resolves_it(capsys):
+    assert run_cli("list", "quickdraw40_4x10") == 0
+    out = capsys.readouterr().out
+    assert "40 classes, 4 tasks, B0 Inc10" in out and "data: present" in out
+    assert "task 1: parachute, computer, zebra" in out  # the class order, task by task
+    assert run_cli("list", "icarl", "--protocol", "quickdraw100_10x10") == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  ") and len(line.split()) > 2}
+    assert rows["epochs"] == "30" and rows["backbone"] == "convnet_bn" and rows["lr"] == "0.1"
