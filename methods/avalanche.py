@@ -22,9 +22,9 @@ def _features(method, model):
 
 
 def _rwalk(method):
-    from avalanche.training.plugins import RWalkPlugin
+    from harness.cil.regularisers import TrainModeRWalkPlugin
     hp = method.hp
-    return [RWalkPlugin(ewc_lambda=hp["ewc_lambda"], ewc_alpha=hp["ewc_alpha"], delta_t=hp["delta_t"])]
+    return [TrainModeRWalkPlugin(ewc_lambda=hp["ewc_lambda"], ewc_alpha=hp["ewc_alpha"], delta_t=hp["delta_t"])]
 
 
 def _rwalk_params():

@@ -147,7 +147,7 @@ def test_scores_go_through_the_strategy_s_eval_forward_hooks():
 
 @pytest.mark.parametrize("kind, plugin, weight", [("ewc", "EWCPlugin", "ewc_lambda"), ("si", "SynapticIntelligencePlugin",
                                                   "si_lambda"), ("mas", "MASPlugin", "_lambda"),
-                                                 ("rwalk", "RWalkPlugin", "ewc_lambda")])
+                                                 ("rwalk", "TrainModeRWalkPlugin", "ewc_lambda")])
 def test_a_regulariser_joins_any_method_that_declares_it(kind, plugin, weight):
     from harness.cil.regularisers import DEFAULT_LAMBDA
     from harness.method import MethodContext
@@ -171,3 +171,17 @@ def test_a_method_with_a_regulariser_passes_the_check(kind, capsys):
     # RWalk updates its scores every 10 iterations: batches of 8 give the check's tasks 10
     extra = ["finetune.batch_size=8"] if kind == "rwalk" else []
     assert main(["check", "finetune", "--set", f"finetune.regularizer={kind}", *extra]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method,sets", [("rwalk", []), ("finetune", ["--set", "finetune.regularizer=rwalk"])])
+def test_rwalk_trains_in_training_mode(tmp_path, method, sets):
+    """Avalanche's RWalkPlugin leaves the model in eval mode after its first iteration; batch norm
+    then never learns its statistics and the first task ends at chance. Trained in training mode,
+    the first task is learnt like Naive's."""
+    # 80 images a class: 13 iterations an epoch, more than delta_t (10) as RWalk assumes (else 0/0 NaN penalties)
+    args = ["run", "--methods", method, "--protocol", "quickdraw20_2x10", "--epochs", "5", "--device", "cpu",
+            "--threads", "1", "--quiet", "--out", str(tmp_path), *sets]
+    assert main(args) == 0
+    summary = next(tmp_path.rglob("summary.json"))
+    first_task = json.loads(summary.read_text())["accuracy_matrix"][0][0]
+    assert first_task > 30  # chance is 10%; the broken plugin gave exactly 10.0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from avalanche.training.plugins import RWalkPlugin
+
 from harness.params import Param
 
 # The penalty weight of each when regularizer_lambda is 0: the defaults of the strategies by
@@ -23,12 +25,27 @@ REGULARISER_PARAMS: dict[str, Param] = {
 }
 
 
+class TrainModeRWalkPlugin(RWalkPlugin):
+    """Avalanche's RWalkPlugin, except that the model trains in training mode.
+
+    Avalanche 0.6's RWalkPlugin computes its gradient without penalty in `model.eval()` before
+    every iteration and never switches back, so after the first iteration the model trains in
+    eval mode: batch norm then normalises with its initial running statistics and never updates
+    them (on quickdraw100_10x10 the first task ended at chance, 10.0%, against Naive's 84.0%).
+    """
+
+    def before_training_iteration(self, strategy, *args, **kwargs):
+        training = strategy.model.training
+        super().before_training_iteration(strategy, *args, **kwargs)
+        strategy.model.train(training)
+
+
 def regulariser_plugins(hp: dict[str, Any]) -> list:
     """The plugin the settings ask for (none where the method does not declare `regularizer`)."""
     kind = hp.get("regularizer", "none")
     if kind == "none":
         return []
-    from avalanche.training.plugins import EWCPlugin, MASPlugin, RWalkPlugin, SynapticIntelligencePlugin
+    from avalanche.training.plugins import EWCPlugin, MASPlugin, SynapticIntelligencePlugin
 
     weight = hp["regularizer_lambda"] or DEFAULT_LAMBDA[kind]
     if kind == "ewc":
@@ -37,4 +54,4 @@ def regulariser_plugins(hp: dict[str, Any]) -> list:
         return [SynapticIntelligencePlugin(si_lambda=weight)]
     if kind == "mas":
         return [MASPlugin(lambda_reg=weight)]
-    return [RWalkPlugin(ewc_lambda=weight)]
+    return [TrainModeRWalkPlugin(ewc_lambda=weight)]
