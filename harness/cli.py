@@ -67,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "figures and HTML page from every finished run there.",
                          epilog="example: python -m harness run --methods finetune icarl --protocol "
                                 "quickdraw100_10x10 --seeds 0 1 --set icarl.memory=1000", **helpful)
-    run.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
-                     help="registered method names (`list` shows them)")
-    run.add_argument("--protocol", default=DEFAULT_PROTOCOL, metavar="P", help="a registered protocol (`list`)")
-    run.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="K", help="one run per seed")
-    run.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="results folder")
+    run.add_argument("--methods", nargs="+", metavar="M",
+                     help="registered method names (`list` shows them) (default: " + " ".join(DEFAULT_METHODS) + ")")
+    run.add_argument("--protocol", metavar="P", help=f"a registered protocol (`list`) (default: {DEFAULT_PROTOCOL})")
+    run.add_argument("--seeds", nargs="+", type=_seed, metavar="K", help="one run per seed (default: 0)")
+    run.add_argument("--out", metavar="DIR", help=f"results folder (default: {DEFAULT_OUT}, or the experiment "
+                     "file's `out`)")
+    run.add_argument("--experiment", metavar="FILE", help="a TOML file listing the sweep's rows (methods, settings, "
+                     "seeds, protocol) in table order, instead of --methods/--protocol/--seeds/--set")
     run.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
                      help="auto: CUDA where available, else CPU")
     run.add_argument("--epochs", type=_positive, help="epochs per task for every method")
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="results folders, searched recursively")
     report.add_argument("--format", default="md", choices=("md", "latex", "csv", "html"),
                         help="html: one self-contained page (figures embedded), also written by every run")
+    report.add_argument("--experiment", metavar="FILE", help="order and name the rows as this experiment file "
+                        "lists them")
     report.add_argument("--sessions", action="store_true",
                         help="the accuracy after each task (session) and PD = A_1 - A_T, as few-shot CIL papers "
                              "print it (md, latex or csv; every run also writes sessions.md and sessions.csv)")
@@ -156,34 +161,69 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _sweep_rows(args) -> list[dict]:
+    """The sweep's rows (methods, protocol, overrides, seeds, epochs, max_train_per_class, name),
+    from the command line or from --experiment."""
+    from harness.params import parse_set_options
+
+    if args.experiment is None:
+        return [{"methods": args.methods or list(DEFAULT_METHODS), "protocol": args.protocol or DEFAULT_PROTOCOL,
+                 "overrides": parse_set_options([item for group in args.sets for item in group]),
+                 "seeds": args.seeds or [0], "epochs": args.epochs,
+                 "max_train_per_class": args.max_train_per_class, "name": None}]
+    from harness.experiment import load_experiment
+
+    given = [flag for flag, value in (("--methods", args.methods), ("--protocol", args.protocol),
+                                      ("--seeds", args.seeds), ("--set", args.sets)) if value]
+    if given:
+        raise HarnessError(f"--experiment lists the runs: {' and '.join(given)} cannot be given with it")
+    experiment = load_experiment(args.experiment)
+    if args.out is None and experiment.out:
+        args.out = experiment.out
+    rows = []
+    for row in experiment.rows:
+        for key in ("epochs", "max_train_per_class"):
+            if getattr(row, key) is not None and getattr(args, key) is not None:
+                raise HarnessError(f"--{key.replace('_', '-')} and the experiment file's {key} (row of "
+                                   f"{', '.join(row.methods)}) both set it: give one of them")
+        rows.append({"methods": row.methods, "protocol": row.protocol, "overrides": parse_set_options(row.sets),
+                     "seeds": row.seeds, "epochs": row.epochs if row.epochs is not None else args.epochs,
+                     "max_train_per_class": row.max_train_per_class if row.max_train_per_class is not None
+                     else args.max_train_per_class, "name": row.name})
+    return rows
+
+
 def cmd_run(args) -> int:
     from harness import data as data_mod
     from harness import results
-    from harness.params import parse_set_options, validate_set_options
+    from harness.params import validate_set_options
     from harness.protocol import get_protocol
     from harness.registry import IMPORT_ERRORS, METHODS
     from harness.report import collect_runs, render, write_report
     from harness.plots import write_figures
     from harness.runner import RunSpec, plan_label, resolve_device, run_all
 
-    # Everything the user typed is checked before any work or any write.
-    methods = {name: METHODS.get(name) for name in dict.fromkeys(args.methods)}
+    # Everything the user typed (or the experiment file lists) is checked before any work or any write.
+    rows = _sweep_rows(args)
+    args.out = args.out or DEFAULT_OUT
     for failure in IMPORT_ERRORS:  # files that define none of the chosen methods
         _say(args.quiet, f"warning: {failure}")
-    protocol = get_protocol(args.protocol)
-    overrides = parse_set_options([item for group in args.sets for item in group])
-    validate_set_options(overrides, methods)
-    if args.epochs is not None:  # two sources of one setting: say which wins instead of picking one
-        clash = next((o for o in overrides if o[1] in ("epochs", "init_epochs")), None)
-        if clash is not None:
-            raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs {args.epochs} "
-                               "both set the epochs: give one of them")
+    for row in rows:
+        row["classes"] = {name: METHODS.get(name) for name in dict.fromkeys(row["methods"])}
+        get_protocol(row["protocol"])
+        validate_set_options(row["overrides"], row["classes"])
+        if row["epochs"] is not None:  # two sources of one setting: say which wins instead of picking one
+            clash = next((o for o in row["overrides"] if o[1] in ("epochs", "init_epochs")), None)
+            if clash is not None:
+                raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs "
+                                   f"{row['epochs']} both set the epochs: give one of them")
     resolve_device(args.device)
     results.check_output_dir(Path(args.out))
     from harness.loggers import check_available
 
     check_available(args.logger)  # a missing package: one line before any work
-    data_mod.load_splits(protocol, args.data_root, args.download)  # missing data -> one line, exit 2
+    for protocol_name in dict.fromkeys(row["protocol"] for row in rows):  # missing data -> one line, exit 2
+        data_mod.load_splits(get_protocol(protocol_name), args.data_root, args.download)
 
     n_threads = args.threads
     parallel = args.workers > 1 or args.executor == "ray"
@@ -193,14 +233,23 @@ def cmd_run(args) -> int:
         from harness.threads import usable_cores
 
         n_threads = max(1, usable_cores() // args.workers)
-    specs = [
-        RunSpec(method=m, protocol=args.protocol, seed=s, out=args.out, device=args.device,
-                overrides=tuple(overrides), epochs=args.epochs, max_train_per_class=args.max_train_per_class,
-                data_root=args.data_root, download=args.download, force=args.force, restart=args.restart,
-                quiet=args.quiet or parallel, plugins=tuple(args.plugins + args.run_plugins),
-                threads=n_threads, loggers=tuple(args.logger), fail_fast=args.fail_fast)
-        for m in methods for s in args.seeds
-    ]
+    specs, names, order = [], {}, []
+    for row in rows:
+        for m in row["classes"]:
+            for s in row["seeds"]:
+                spec = RunSpec(method=m, protocol=row["protocol"], seed=s, out=args.out, device=args.device,
+                               overrides=tuple(row["overrides"]), epochs=row["epochs"],
+                               max_train_per_class=row["max_train_per_class"], data_root=args.data_root,
+                               download=args.download, force=args.force, restart=args.restart,
+                               quiet=args.quiet or parallel, plugins=tuple(args.plugins + args.run_plugins),
+                               threads=n_threads, loggers=tuple(args.logger), fail_fast=args.fail_fast)
+                if spec not in specs:
+                    specs.append(spec)
+                label, protocol_dir, _, _ = plan_label(spec)
+                if (protocol_dir, label) not in order:
+                    order.append((protocol_dir, label))
+                if row["name"]:
+                    names[(protocol_dir, label)] = row["name"]
     for spec in specs:
         label, protocol_dir, _, _ = plan_label(spec)
         path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
@@ -213,10 +262,18 @@ def cmd_run(args) -> int:
     for o in outcomes:
         if o.status == "busy":  # said even under --quiet: the command did not run it
             print(f"skip {o.label} seed {o.spec.seed}: another process is running it ({o.path})", file=sys.stderr)
-    table_dir = Path(args.out) / results.protocol_dirname(args.protocol, args.max_train_per_class)
-    if any(o.status in ("done", "skipped") for o in outcomes):
+    protocol_dirs = list(dict.fromkeys(results.protocol_dirname(s.protocol, s.max_train_per_class) for s in specs))
+    tabulated = False
+    for protocol_dir in protocol_dirs:
+        table_dir = Path(args.out) / protocol_dir
+        if not any(o.status in ("done", "skipped") and o.protocol_dir == protocol_dir for o in outcomes):
+            continue
+        tabulated = True
         try:
             runs = collect_runs([table_dir])
+            if args.experiment is not None:  # the file's order and names
+                runs.attrs["order"] = [label for p, label in order if p == protocol_dir]
+                runs.attrs["names"] = {label: name for (p, label), name in names.items() if p == protocol_dir}
             embedded: list = []  # each figure drawn once: files, then the page
             figure_paths = write_figures(runs, table_dir / "plots", embedded)
             written = write_report(runs, table_dir, embedded=embedded) + figure_paths
@@ -227,7 +284,7 @@ def cmd_run(args) -> int:
         print(render(runs, "md"), end="")
         _say(args.quiet, f"\nresults: {table_dir}")
         _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
-    elif not failed:
+    if not tabulated and not failed:
         _say(args.quiet, "no finished run to tabulate yet: other processes are running these runs")
     for o in failed:  # last, so they are what the user reads
         print(o.failure_line(), file=sys.stderr)
@@ -352,7 +409,24 @@ def cmd_check(args) -> int:
 def cmd_report(args) -> int:
     from harness.report import collect_runs, render
 
-    print(render(collect_runs([Path(d) for d in args.dirs]), args.format, sessions=args.sessions), end="")
+    runs = collect_runs([Path(d) for d in args.dirs])
+    if args.experiment:
+        from harness.experiment import load_experiment
+        from harness.params import parse_set_options
+        from harness.runner import RunSpec, plan_label
+
+        order, names = [], {}
+        for row in load_experiment(args.experiment).rows:
+            for m in row.methods:
+                spec = RunSpec(method=m, protocol=row.protocol, seed=0, out=".", epochs=row.epochs,
+                               overrides=tuple(parse_set_options(row.sets)),
+                               max_train_per_class=row.max_train_per_class)
+                label = plan_label(spec)[0]
+                order.append(label)
+                if row.name:
+                    names[label] = row.name
+        runs.attrs["order"], runs.attrs["names"] = order, names
+    print(render(runs, args.format, sessions=args.sessions), end="")
     return 0
 
 

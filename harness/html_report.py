@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from harness.plots import EMBED_DPI, figures, png_bytes
-from harness.report import paper_table
+from harness.report import ordered_labels, paper_table
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -54,9 +54,9 @@ def _paper_table_html(runs: pd.DataFrame) -> str:
     groups = "".join(f'<th colspan="{k}" class="protocol">{html.escape(p)}</th>' for p in protocols)
     names = "".join(f"<th>{html.escape(c)}</th>" for _, c in table.columns)
     rows = []
-    for label, row in table.iterrows():
+    for label, (shown, row) in zip(ordered_labels(runs, runs.label.unique()), table.iterrows()):
         first = sorted(runs[runs.label == label].protocol.unique())[0]
-        link = f'<a href="#{_anchor("runs", first, label)}">{html.escape(str(label))}</a>'
+        link = f'<a href="#{_anchor("runs", first, label)}">{html.escape(str(shown))}</a>'
         rows.append(f"<tr><td>{link}</td>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
     return (f'<div class="scroll"><table id="paper-table"><thead><tr><th rowspan="2">Method</th>{groups}</tr><tr>{names}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')

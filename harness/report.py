@@ -196,11 +196,20 @@ def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
             row.insert(3, _pm(r.zero_shot_mean_mean, r.zero_shot_mean_std, n))
         cells[(r.protocol, r.label)] = row
     protocols = sorted(s.protocol.unique())
-    labels = sorted(s.label.unique())
+    labels = ordered_labels(runs, s.label.unique())
     columns = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])
     data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(names))]
             for lab in labels]
-    return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
+    shown = runs.attrs.get("names") or {}
+    return pd.DataFrame(data, index=pd.Index([shown.get(lab, lab) for lab in labels], name="Method"),
+                        columns=columns)
+
+
+def ordered_labels(runs: pd.DataFrame, labels) -> list[str]:
+    """Labels in an experiment file's order (runs.attrs["order"]), the rest alphabetically after them."""
+    order = list(runs.attrs.get("order") or [])
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(labels, key=lambda label: (rank.get(label, len(order)), label))
 
 
 def session_table(runs: pd.DataFrame) -> pd.DataFrame:
