@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.plots import EMBED_DPI, figures, png_bytes
+from harness.plots import BAND, EMBED_DPI, figures, png_bytes
 from harness.report import ordered_labels, paper_table
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1340px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 nav a { margin-right: 1em; }
 table { border-collapse: collapse; font-size: .9em; margin: .5em 0 1em; }
 th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-#paper-table td:first-child { white-space: normal; overflow-wrap: anywhere; min-width: 12em; max-width: 24em; }
+th { background: #f4f4f4; white-space: normal; } td:first-child, th:first-child { text-align: left; }
+#paper-table td:first-child { white-space: normal; overflow-wrap: normal; min-width: 10em; max-width: 18em; }
+#paper-table th, #paper-table td { padding: .25em .4em; }
+.sessions td:first-child { white-space: normal; min-width: 10em; max-width: 18em; }
 .scroll { overflow-x: auto; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -46,6 +48,22 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+CAPTIONS = {
+    "acc_vs_classes": "Accuracy on all classes seen so far after each task (Class-IL). " + BAND + ".",
+    "acc_vs_classes_task_il": "Accuracy after each task with the task identity given at test time (Task-IL). "
+                              + BAND + "; rows without a Task-IL record are named in the figure.",
+    "forgetting": "Forgetting of each task after the last one (Chaudhry et al.: its best accuracy minus its last), "
+                  "mean over seeds.",
+    "performance_drop": "Performance drop PD = A_1 − A_T: the accuracy lost from the first task to the last "
+                        "(lower is better), mean ± one standard deviation over seeds.",
+}
+
+
+def _wrappable(label: str) -> str:
+    """A run label that may break after each '+' (never inside a setting's name)."""
+    return "+<wbr>".join(html.escape(part) for part in label.split("+"))
+
+
 def _paper_table_html(runs: pd.DataFrame) -> str:
     """The paper table, one column group per protocol; each label links to its runs."""
     table = paper_table(runs)
@@ -56,7 +74,7 @@ def _paper_table_html(runs: pd.DataFrame) -> str:
     rows = []
     for label, (shown, row) in zip(ordered_labels(runs, runs.label.unique()), table.iterrows()):
         first = sorted(runs[runs.label == label].protocol.unique())[0]
-        link = f'<a href="#{_anchor("runs", first, label)}">{html.escape(str(shown))}</a>'
+        link = f'<a href="#{_anchor("runs", first, label)}">{_wrappable(str(shown))}</a>'
         rows.append(f"<tr><td>{link}</td>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
     return (f'<div class="scroll"><table id="paper-table"><thead><tr><th rowspan="2">Method</th>{groups}</tr><tr>{names}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
@@ -82,7 +100,7 @@ def _sessions_html(g: pd.DataFrame) -> str:
 
     t = session_table(g)
     head = "".join(f"<th>{html.escape(c)}</th>" for _, c in t.columns)
-    body = "".join(f"<tr><td>{html.escape(str(i))}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in row)
+    body = "".join(f"<tr><td>{_wrappable(str(i))}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in row)
                    + "</tr>" for i, row in zip(t.index, t.to_numpy()))
     return ('<p class="muted">Accuracy on all seen classes after each task, headed by the task and the classes '
             'seen (few-shot papers\' sessions), their mean, and the performance drop PD = A_1 - A_T.</p>'
@@ -121,7 +139,8 @@ def html_page(runs: pd.DataFrame, title: str = "Class-incremental learning resul
         for f, uri in figs[p]:
             if f.kind != "accuracy_matrix":
                 parts.append(f'<figure id="{_anchor("fig", f.stem)}"><img src="{uri}" alt="{html.escape(f.stem)}">'
-                             f"<figcaption>{html.escape(f.kind.replace('_', ' '))}</figcaption></figure>")
+                             f"<figcaption>{html.escape(CAPTIONS.get(f.kind, f.kind.replace('_', ' ')))}"
+                             "</figcaption></figure>")
         parts.append("<h3>Accuracy matrices</h3>")
         for f, uri in figs[p]:
             if f.kind == "accuracy_matrix":

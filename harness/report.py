@@ -105,7 +105,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
         skipped |= {p.resolve() for p in unfinished}
         for record in d.rglob(failures.FILENAME):
             if not (record.parent / "summary.json").exists():
-                failed[record.parent.resolve()] = failures.read_record(record.parent) or {}
+                # shown relative to the folder read, so a committed table names no machine's paths
+                failed[record.parent.resolve()] = {**(failures.read_record(record.parent) or {}),
+                                                   "shown": str(record.parent.relative_to(d))}
     rows = [_load(p) for p in paths]
     runs = pd.DataFrame(rows)
     dup = runs[runs.duplicated(["protocol", "label", "seed"], keep=False)]
@@ -128,10 +130,13 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Machine-readable table: one row per (protocol, label), `<field>_mean` and
-    `<field>_std` (ddof=1; NaN with one seed) for every numeric summary field."""
+    `<field>_std` (ddof=1; NaN with one seed) for every numeric summary field; `name` is the
+    row's name in an experiment file (the label where it has none), as the paper table shows it."""
     out = []
+    shown = runs.attrs.get("names") or {}
     for (protocol, label), g in runs.groupby(["protocol", "label"], sort=True):
-        row = {"protocol": protocol, "label": label, "method": g["method"].iloc[0],
+        row = {"protocol": protocol, "label": label, "name": shown.get(label, label),
+               "method": g["method"].iloc[0],
                "n_seeds": len(g), "seeds": " ".join(map(str, sorted(g["seed"])))}
         for k in NUMERIC:
             row[f"{k}_mean"] = g[k].mean()
@@ -279,7 +284,7 @@ def _failed_note(runs: pd.DataFrame) -> str:
     if not failed:
         return ""
     lines = [f"- {r.get('label', '?')} seed {r.get('seed', '?')}: {r.get('message', 'failed')} "
-             f"({Path(r['path']) / failures.FILENAME})" for r in failed]
+             f"({Path(r.get('shown') or r['path']) / failures.FILENAME})" for r in failed]
     return "\nFailed runs, not in the table (the same command resumes them):\n\n" + "\n".join(lines) + "\n"
 
 

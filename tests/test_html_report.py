@@ -71,7 +71,7 @@ def _parse(path: Path) -> _Page:
 
 def _csv(path: Path) -> dict[str, dict[str, str]]:
     with path.open() as f:
-        return {r["label"]: r for r in csv.DictReader(f)}
+        return {r.get("name") or r["label"]: r for r in csv.DictReader(f)}
 
 
 def _pm(mean: str, std: str) -> str:
