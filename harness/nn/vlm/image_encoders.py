@@ -70,10 +70,16 @@ class HFVisionTokens(nn.Module):
         self.id = f"hf-{name.replace('/', '--')}-L{layer}-{strategy}-{image_size}px"
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = tower_pixels(x, self.image_size, self.mean, self.std)
         h = self.tower(x, output_hidden_states=True).hidden_states[self.layer]
         return h[:, 1:] if self.strategy == "default" else h
+
+
+def tower_pixels(x: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """Images in [0, 1] as a pretrained vision tower reads them: three channels (a grey doodle
+    repeated), bicubic-resized to its resolution, normalised by its processor's statistics."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)

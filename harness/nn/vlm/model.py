@@ -113,6 +113,9 @@ class VisionLanguageModel(nn.Module):
         """The question asked with every image: after it (MiniGPT-4's and LLaVA's order), or
         before it, which makes the part of the prompt that never changes (and is computed
         once, see _prefix_cache) 10 tokens long instead of 3 on the offline stack."""
+        hear = getattr(self.encoder, "set_question", None)
+        if callable(hear):  # InstructBLIP's Q-Former reads the question too (its features, and id, depend on it)
+            hear(question)
         before, after = self.chat.prompt_ids(self.tokenizer, question, before_image)
         self.prompt_ids = (torch.tensor(before, dtype=torch.long), torch.tensor(after, dtype=torch.long))
         # Generation stops at the end of the turn (left out of the answer's text) or at a

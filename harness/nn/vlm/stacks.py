@@ -1,4 +1,4 @@
-"""Stacks by name (build_stack): offline, tiny, hf_llava."""
+"""Stacks by name (build_stack): offline, tiny, hf (any supported transformers VLM family), hf_llava."""
 from __future__ import annotations
 
 import os
@@ -51,6 +51,13 @@ def offline_stack(in_channels: int, visual_tokens: int, image_size: int, hf_name
     encoder = EfficientNetTokens(in_channels, visual_tokens, image_size)
     proj = nn.Linear(encoder.out_dim, lm.config.hidden_size)
     return VisionLanguageModel(encoder, proj, lm, tok, minilm_text_encoder(), CHATML, "offline")
+
+
+@register_stack("hf")
+def _hf_by_name(in_channels: int, visual_tokens: int, image_size: int, hf_name: str) -> VisionLanguageModel:
+    from harness.nn.vlm.hf_stacks import hf_vlm_stack
+
+    return hf_vlm_stack(hf_name)
 
 
 @register_stack("hf_llava")

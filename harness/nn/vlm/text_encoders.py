@@ -85,10 +85,13 @@ class CLIPTextEncoder:
 
 
 def text_encoder_by_name(name: str):
-    """f_text by name: "minilm" (the packaged all-MiniLM-L6-v2, offline), else a hub name or a
+    """f_text by name: "minilm" (the packaged all-MiniLM-L6-v2, offline), "ngram" (character
+    n-grams: no weights, for tests), else a hub name or a
     local folder: a CLIP checkpoint (its text tower) or any sentence-transformers model."""
     if name == "minilm":
         return minilm_text_encoder()
+    if name == "ngram":
+        return NgramTextEncoder()
     from transformers import AutoConfig
 
     try:

@@ -1,0 +1,226 @@
+"""transformers VLM families as GMM stacks (gmm.model=hf, the family read from the checkpoint's config).
+
+GMM trains MiniGPT-4's one linear projection between a frozen vision path and a frozen LM. Each
+family maps onto that shape with its own pretrained parts:
+
+  llava               CLIP/SigLIP tower's chosen layer -> multi_modal_projector -> the LM
+  blip-2, instructblip ViT -> Q-Former's 32 query outputs (InstructBLIP's Q-Former also reads the
+                      question) -> language_projection -> the LM (OPT, Vicuna/LLaMA, ...); this is
+                      MiniGPT-4's own architecture: EVA-CLIP ViT-g + BLIP-2's Q-Former -> a linear
+                      layer -> Vicuna (Salesforce/instructblip-vicuna-7b pairs the same parts)
+  idefics3, smolvlm   SigLIP -> pixel shuffle -> the connector's modality_projection -> the LM
+
+Families that do not fit are refused with the reason (UNSUPPORTED).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from harness.errors import HarnessError
+from harness.nn.vlm.image_encoders import tower_pixels
+from harness.nn.vlm.model import ChatFormat, ProcessorChat, VisionLanguageModel
+from harness.nn.vlm.text_encoders import minilm_text_encoder
+from harness.nn.vlm.tokenizers import HFTokenizer
+
+UNSUPPORTED = {
+    "qwen2_vl": "its M-RoPE positions are computed from image-token ids and the image grid, not from a "
+                "sequence of projected tokens",
+    "qwen2_5_vl": "its M-RoPE positions are computed from image-token ids and the image grid, not from a "
+                  "sequence of projected tokens",
+    "paligemma": "it attends bidirectionally over the image and prompt (a prefix LM); the stack's "
+                 "training and decoding are causal",
+    "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
+}
+FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm")
+
+
+def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Callable | None = None,
+                 image_size: int | None = None) -> VisionLanguageModel:
+    """A transformers vision-language model (hub name, local folder or instance) as a GMM stack:
+    its own vision path frozen, its own projection trained (in float32), its LM frozen."""
+    if isinstance(name_or_model, str):
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        kind = AutoConfig.from_pretrained(name_or_model, trust_remote_code=False).model_type
+        _check_family(kind, name_or_model)
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model = AutoModelForImageTextToText.from_pretrained(name_or_model, dtype=dtype, trust_remote_code=False)
+        processor = processor or AutoProcessor.from_pretrained(name_or_model, trust_remote_code=False)
+        name = name_or_model
+    else:
+        model, name = name_or_model, f"custom-{name_or_model.config.model_type}"
+    kind = model.config.model_type
+    _check_family(kind, name)
+    text_encoder = text_encoder or minilm_text_encoder()
+    if kind == "llava":
+        from harness.nn.vlm.stacks import hf_llava_stack
+
+        return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
+                              processor=processor)
+    build = _qformer_stack if kind in ("blip-2", "instructblip") else _idefics3_stack
+    vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
+    vlm.proj.requires_grad_(True)
+    return vlm
+
+
+def _check_family(kind: str, name: str) -> None:
+    if kind in UNSUPPORTED:
+        raise HarnessError(f"{name} is a {kind} model, which GMM's stack cannot hold: {UNSUPPORTED[kind]}")
+    if kind not in FAMILIES:
+        raise HarnessError(f"{name} is a {kind} model; GMM's stack holds {', '.join(FAMILIES)}")
+
+
+def _statistics(processor, cfg_size: int, image_size: int | None):
+    ip = getattr(processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)  # CLIP's, BLIP-2's default
+    std = getattr(ip, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return image_size or cfg_size, mean, std
+
+
+def _tokenizer(processor, tokenizer):
+    if tokenizer is None and processor is None:
+        raise HarnessError("a model instance needs its processor or tokenizer")
+    return tokenizer or HFTokenizer(processor.tokenizer)
+
+
+# ---- BLIP-2 and InstructBLIP ---------------------------------------------------------------
+class QFormerTokens(nn.Module):
+    """The frozen vision path of BLIP-2 / InstructBLIP: ViT -> the Q-Former's query outputs (B, Q, D),
+    as the model computes them before its language_projection. InstructBLIP's Q-Former also
+    reads the question (set_question), so the tokens and the id depend on it."""
+
+    def __init__(self, model: nn.Module, image_size: int, mean, std, name: str, qformer_tokenizer=None):
+        super().__init__()
+        self.vision_model, self.qformer, self.query_tokens = model.vision_model, model.qformer, model.query_tokens
+        self.image_size, self.qformer_tokenizer = image_size, qformer_tokenizer
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("question_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.out_dim = model.config.qformer_config.hidden_size
+        self._name = f"hf-{name.replace('/', '--')}-qformer-{image_size}px"
+        self.reads_question = model.config.model_type == "instructblip"
+
+    @property
+    def id(self) -> str:
+        if not self.reads_question:
+            return self._name
+        digest = hashlib.sha1(str(self.question_ids.tolist()).encode()).hexdigest()[:8]
+        return f"{self._name}-q{digest}"
+
+    def set_question(self, question: str) -> None:
+        if self.reads_question:
+            if self.qformer_tokenizer is None:
+                raise HarnessError("InstructBLIP needs its processor's qformer_tokenizer")
+            ids = self.qformer_tokenizer(question)["input_ids"]
+            self.question_ids = torch.tensor(ids, dtype=torch.long, device=self.query_tokens.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tower_pixels(x, self.image_size, self.mean, self.std).to(self.query_tokens.dtype)
+        image = self.vision_model(pixel_values=x).last_hidden_state
+        b, q = len(image), self.query_tokens.shape[1]
+        queries = self.query_tokens.expand(b, -1, -1)
+        seen = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        extra: dict[str, Any] = {}
+        if self.reads_question:
+            ids = self.question_ids.to(image.device).expand(b, -1)
+            extra = {"input_ids": ids, "attention_mask": torch.ones(b, q + ids.shape[1], dtype=torch.long,
+                                                                     device=image.device)}
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=seen, **extra)
+        return out.last_hidden_state[:, :q]
+
+
+@dataclass
+class AfterQueriesChat(ChatFormat):
+    """BLIP-2's prompt: the query tokens first, then the tokenizer's BOS and the text (BLIP-2's
+    "Question: ... Answer:"; InstructBLIP's instruction alone)."""
+
+    bos: tuple[int, ...] = ()
+
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        if before_image:
+            raise HarnessError("BLIP-2 and InstructBLIP read their query tokens before any text "
+                               "(gmm.question=after_image)")
+        return [], list(self.bos) + tokenizer.encode(self.template.format(content=question))
+
+
+def _qformer_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
+    lm = model.language_model
+    if getattr(lm.config, "is_encoder_decoder", False):
+        raise HarnessError(f"{name}'s language model ({lm.config.model_type}) is an encoder-decoder; GMM's stack "
+                           "needs a causal LM (the OPT, Vicuna or LLaMA checkpoints)")
+    tokenizer = _tokenizer(processor, tokenizer)
+    size, mean, std = _statistics(processor, model.config.vision_config.image_size, image_size)
+    encoder = QFormerTokens(model, size, mean, std, name, getattr(processor, "qformer_tokenizer", None))
+    raw = getattr(tokenizer, "tok", None)
+    bos = (raw.bos_token_id,) if raw is not None and raw.bos_token_id is not None else ()
+    end = raw.eos_token if raw is not None else "</s>"
+    template = "{content}" if model.config.model_type == "instructblip" else "Question: {content} Answer:"
+    chat = AfterQueriesChat(template, end, " ", bos=bos)
+    return VisionLanguageModel(encoder, model.language_projection.float(), lm, tokenizer, text_encoder, chat,
+                               model.config.model_type)
+
+
+# ---- Idefics3 and SmolVLM ------------------------------------------------------------------
+class PixelShuffleTokens(nn.Module):
+    """Idefics3's / SmolVLM's frozen vision path: SigLIP's last hidden state, pixel-shuffled by the
+    connector's own function (scale s: s*s neighbouring patches -> one token of s*s*D)."""
+
+    def __init__(self, model: nn.Module, image_size: int, mean, std, name: str):
+        super().__init__()
+        inner = model.model
+        self.vision_model = inner.vision_model
+        connector = inner.connector
+        # the connector's function, not the connector (its modality_projection is the trained part)
+        self._shuffle = functools.partial(type(connector).pixel_shuffle, connector, scale_factor=connector.scale_factor)
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.out_dim = model.config.vision_config.hidden_size * connector.scale_factor ** 2
+        self.id = f"hf-{name.replace('/', '--')}-shuffle{connector.scale_factor}-{image_size}px"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tower_pixels(x, self.image_size, self.mean, self.std).to(next(self.vision_model.parameters()).dtype)
+        return self._shuffle(self.vision_model(pixel_values=x).last_hidden_state)
+
+
+@dataclass
+class Idefics3Chat(ProcessorChat):
+    """The processor's chat template, with the image's tokens wrapped as its processor wraps a
+    single unsplit image: <fake_token_around_image><global-img> [tokens] <fake_token_around_image>."""
+
+    def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
+        before, after = super().prompt_ids(tokenizer, question, before_image)
+        tok = self.processor.tokenizer
+        fake = tok.convert_tokens_to_ids(getattr(self.processor, "fake_image_token", "<fake_token_around_image>"))
+        glob = tok.convert_tokens_to_ids(getattr(self.processor, "global_image_tag", None)  # Idefics3's name
+                                         or getattr(self.processor, "global_image_token", "<global-img>"))  # SmolVLM's
+        return before + [fake, glob], [fake] + after
+
+
+def _idefics3_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
+    from transformers import AutoModelForCausalLM
+
+    if processor is None:
+        raise HarnessError(f"{name}: an Idefics3/SmolVLM model needs its processor (its chat template and image tokens)")
+    tokenizer = _tokenizer(processor, tokenizer)
+    size, mean, std = _statistics(processor, model.config.vision_config.image_size, image_size)
+    encoder = PixelShuffleTokens(model, size, mean, std, name)
+    # A causal LM over the model's own text decoder and head (shared, not copied), as GMM's loss
+    # and decoding take one; built on the meta device, so no second set of weights is made.
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    lm.model, lm.lm_head = model.model.text_model, model.lm_head
+    raw = processor.tokenizer
+    end = getattr(processor, "end_of_utterance_token", None) or raw.eos_token
+    chat = Idefics3Chat("", end, "", processor=processor)
+    lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    chat.answer_lead = " " if lead.rstrip(" ").endswith(":") else ""
+    proj = model.model.connector.modality_projection.float()
+    return VisionLanguageModel(encoder, proj, lm, tokenizer, text_encoder, chat, model.config.model_type)

