@@ -102,7 +102,7 @@ def test_blip2_stack_is_the_models_own_query_features_and_prompt(tokenizer):
     before, after = (p.tolist() for p in vlm.prompt_ids)
     assert before == []  # the query tokens come first, then BOS and BLIP-2's VQA prompt
     assert after == tokenizer("Question: What is this drawing of? Answer:")["input_ids"]
-    with pytest.raises(HarnessError, match="query tokens before any text"):
+    with pytest.raises(HarnessError, match="image.s tokens before any text"):
         vlm.set_question("What is this drawing of?", before_image=True)
     _trains_projection_only(vlm)
 
@@ -149,7 +149,39 @@ def test_pixel_shuffle_stack_is_the_processors_prompt_and_the_models_features(to
     _trains_projection_only(vlm)
 
 
-@pytest.mark.parametrize("kind,reason", [("qwen2_vl", "M-RoPE"), ("paligemma", "prefix LM"), ("bert", "GMM's stack holds")])
+def test_paligemma_stack_is_a_prefix_lm_with_the_models_own_loss(tokenizer):
+    """PaliGemma attends both ways over image and prompt: the stack's loss equals the model's own
+    on the processor's inputs (image tokens, BOS, prompt, newline, then the answer as suffix)."""
+    from PIL import Image
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    tok = type(tokenizer).from_pretrained(smollm2_path())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    ip = SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.image_seq_length = 4
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    torch.manual_seed(0)
+    cfg = PaliGemmaConfig(vision_config=SiglipVisionConfig(image_size=28, projection_dim=32, **VISION),
+                          text_config=GemmaConfig(vocab_size=len(tok), head_dim=16, **TEXT),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=32)
+    model = PaliGemmaForConditionalGeneration(cfg).eval()
+    vlm = hf_vlm_stack(model, processor=processor, text_encoder=NgramTextEncoder())
+    vlm.set_question("What is this drawing of?")
+    inputs = processor(text="<image>What is this drawing of?", suffix="This is a drawing of a cat.",
+                       images=Image.fromarray(np.full((28, 28, 3), 255, np.uint8)), return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    answer = vlm.answer_ids(["This is a drawing of a cat."])[0].tolist()
+    image = tok.convert_tokens_to_ids("<image>")
+    assert ids == [image] * 4 + vlm.prompt_ids[1].tolist() + answer
+    with torch.no_grad():
+        feats = vlm.encoder(torch.ones(1, 1, 28, 28))
+        torch.testing.assert_close(vlm.proj(feats), model.model.get_image_features(inputs["pixel_values"]).pooler_output)
+        torch.testing.assert_close(vlm.loss(feats, vlm.answer_ids(["This is a drawing of a cat."])), model(**inputs).loss)
+    _trains_projection_only(vlm)
+
+
+@pytest.mark.parametrize("kind,reason", [("qwen2_vl", "M-RoPE"), ("llava_next", "tiling"), ("bert", "GMM's stack holds")])
 def test_a_family_the_stack_cannot_hold_is_refused_with_the_reason(kind, reason):
     model = types.SimpleNamespace(config=types.SimpleNamespace(model_type=kind))
     with pytest.raises(HarnessError, match=reason):

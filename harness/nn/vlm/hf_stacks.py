@@ -9,6 +9,8 @@ family maps onto that shape with its own pretrained parts:
                       MiniGPT-4's own architecture: EVA-CLIP ViT-g + BLIP-2's Q-Former -> a linear
                       layer -> Vicuna (Salesforce/instructblip-vicuna-7b pairs the same parts)
   idefics3, smolvlm   SigLIP -> pixel shuffle -> the connector's modality_projection -> the LM
+  paligemma           SigLIP -> multi_modal_projector -> Gemma, a prefix LM: image and prompt
+                      attend both ways, the answer causally (VisionLanguageModel.prefix_lm)
 
 Families that do not fit are refused with the reason (UNSUPPORTED).
 """
@@ -33,11 +35,11 @@ UNSUPPORTED = {
                 "sequence of projected tokens",
     "qwen2_5_vl": "its M-RoPE positions are computed from image-token ids and the image grid, not from a "
                   "sequence of projected tokens",
-    "paligemma": "it attends bidirectionally over the image and prompt (a prefix LM); the stack's "
-                 "training and decoding are causal",
+    "llava_next": "its any-resolution tiling adds a learned newline token between rows of image tiles, "
+                  "which a fixed sequence of projected tokens does not hold",
     "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
 }
-FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm")
+FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma")
 
 
 def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Callable | None = None,
@@ -63,7 +65,8 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
 
         return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
                               processor=processor)
-    build = _qformer_stack if kind in ("blip-2", "instructblip") else _idefics3_stack
+    build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack}.get(
+        kind, _idefics3_stack)
     vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
     vlm.proj.requires_grad_(True)
     return vlm
@@ -137,14 +140,14 @@ class QFormerTokens(nn.Module):
 
 @dataclass
 class AfterQueriesChat(ChatFormat):
-    """BLIP-2's prompt: the query tokens first, then the tokenizer's BOS and the text (BLIP-2's
-    "Question: ... Answer:"; InstructBLIP's instruction alone)."""
+    """The image's tokens first, then the tokenizer's BOS and the text (BLIP-2's "Question: ...
+    Answer:"; InstructBLIP's instruction alone; PaliGemma's prompt and a newline)."""
 
     bos: tuple[int, ...] = ()
 
     def prompt_ids(self, tokenizer, question: str, before_image: bool) -> tuple[list[int], list[int]]:
         if before_image:
-            raise HarnessError("BLIP-2 and InstructBLIP read their query tokens before any text "
+            raise HarnessError("BLIP-2, InstructBLIP and PaliGemma read the image's tokens before any text "
                                "(gmm.question=after_image)")
         return [], list(self.bos) + tokenizer.encode(self.template.format(content=question))
 
@@ -224,3 +227,34 @@ def _idefics3_stack(model, processor, tokenizer, text_encoder, image_size, name)
     chat.answer_lead = " " if lead.rstrip(" ").endswith(":") else ""
     proj = model.model.connector.modality_projection.float()
     return VisionLanguageModel(encoder, proj, lm, tokenizer, text_encoder, chat, model.config.model_type)
+
+
+# ---- PaliGemma -----------------------------------------------------------------------------
+class SiglipTokens(nn.Module):
+    """PaliGemma's frozen vision path: SigLIP's last hidden state, one token per patch."""
+
+    def __init__(self, tower: nn.Module, image_size: int, mean, std, name: str):
+        super().__init__()
+        self.tower, self.image_size = tower, image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.out_dim = tower.config.hidden_size
+        self.id = f"hf-{name.replace('/', '--')}-siglip-{image_size}px"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tower_pixels(x, self.image_size, self.mean, self.std).to(next(self.tower.parameters()).dtype)
+        return self.tower(pixel_values=x).last_hidden_state
+
+
+def _paligemma_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
+    tokenizer = _tokenizer(processor, tokenizer)
+    size, mean, std = _statistics(processor, model.config.vision_config.image_size, image_size)
+    encoder = SiglipTokens(model.model.vision_tower, size, mean, std, name)
+    raw = getattr(tokenizer, "tok", None)
+    bos = (raw.bos_token_id,) if raw is not None and raw.bos_token_id is not None else ()
+    # the processor's string: image tokens, BOS, the prompt, a newline; the answer, then EOS
+    chat = AfterQueriesChat("{content}\n", raw.eos_token if raw is not None else "<eos>", "", bos=bos)
+    vlm = VisionLanguageModel(encoder, model.model.multi_modal_projector.float(), model, tokenizer, text_encoder,
+                              chat, "paligemma")
+    vlm.prefix_lm = True
+    return vlm

@@ -74,6 +74,9 @@ class VisionLanguageModel(nn.Module):
         # keys/values are computed once and shared by every training step and generation
         # (reuse_prefix=False recomputes them each time; the tests compare both paths).
         self.reuse_prefix = True
+        # A prefix LM (PaliGemma) attends both ways over the image and prompt (token type 0) and
+        # causally over the answer (1); its full model, not the bare decoder, builds that mask.
+        self.prefix_lm = False
         self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         self.set_question("What is this photo of?")
 
@@ -207,7 +210,7 @@ class VisionLanguageModel(nn.Module):
         """A KV cache already holding the prompt before the image, for `batch` rows; None when
         it cannot be reused (the LM trains, e.g. LoRA, or there is no such prompt)."""
         ids = self.prompt_ids[0]
-        if not self.reuse_prefix or len(ids) == 0 or self._lm_trains():
+        if not self.reuse_prefix or len(ids) == 0 or self._lm_trains() or self.prefix_lm:
             return None
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         key = (str(device), amp, self.lm_dtype)
@@ -226,12 +229,19 @@ class VisionLanguageModel(nn.Module):
         constant prefix taken from its cache when it can be."""
         cache = self._prefix_cache(len(feats), next(self.proj.parameters()).device)
         emb = self.prompt_embeds(feats, with_prefix=cache is None)
+        prompt_len = emb.shape[1]
         if tail is not None:
             emb = torch.cat([emb, tail.to(emb.dtype)], dim=1)
         if cache is not None:
             kwargs.update({self._decoder_cache_kw if decoder_only else self._cache_kw: cache, "use_cache": True})
         kwargs.setdefault("use_cache", False)  # training needs no returned cache
-        return (self.lm.get_decoder() if decoder_only else self.lm)(inputs_embeds=emb, **kwargs)
+        module = self.lm.get_decoder() if decoder_only else self.lm
+        if self.prefix_lm:
+            types = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+            types[:, :prompt_len] = 0
+            kwargs["token_type_ids"] = types
+            module = _base_lm(self.lm).model if decoder_only else self.lm
+        return module(inputs_embeds=emb, **kwargs)
 
     # ---- training: cross-entropy on the answer tokens only ---------------------------
     def loss(self, feats: Tensor, answers: Tensor) -> Tensor:
