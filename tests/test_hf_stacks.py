@@ -181,7 +181,60 @@ def test_paligemma_stack_is_a_prefix_lm_with_the_models_own_loss(tokenizer):
     _trains_projection_only(vlm)
 
 
-@pytest.mark.parametrize("kind,reason", [("qwen2_vl", "M-RoPE"), ("llava_next", "tiling"), ("bert", "GMM's stack holds")])
+QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+def test_qwen2_vl_stack_keeps_the_models_m_rope_positions(tokenizer):
+    """Qwen2-VL's positions come from its image grid: the stack's loss equals the model's own, and
+    its greedy answer the model's own generate, on the processor's inputs."""
+    from PIL import Image
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    tok = type(tokenizer).from_pretrained(smollm2_path())
+    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+                                 tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **TEXT),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    vlm = hf_vlm_stack(model, processor=processor, text_encoder=NgramTextEncoder(), image_size=56)
+    vlm.set_question("What is this drawing of?")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this drawing of?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.fromarray(np.full((56, 56, 3), 255, np.uint8))], return_tensors="pt")
+    prompt = inputs["input_ids"][0].tolist()
+    before, after = (p.tolist() for p in vlm.prompt_ids)
+    assert prompt == before + [ids["<|image_pad|>"]] * 4 + after  # 4x4 patches merged 2x2
+    answer = vlm.answer_ids(["This is a drawing of a cat."])
+    full = torch.cat([inputs["input_ids"], answer.clamp(min=0)], 1)
+    with torch.no_grad():
+        feats = vlm.encoder(torch.ones(1, 1, 56, 56))
+        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        torch.testing.assert_close(vlm.proj(feats)[0], theirs)
+        own = model(input_ids=full, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                    mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1),
+                    labels=torch.cat([torch.full_like(inputs["input_ids"], -100), answer], 1)).loss
+        torch.testing.assert_close(vlm.loss(feats, answer), own)
+        written = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, len(prompt):]
+    assert vlm.generate(feats, max_new_tokens=4, early_stop=False) == [tok.decode(written, skip_special_tokens=True).strip()]
+    _trains_projection_only(vlm)
+
+
+@pytest.mark.parametrize("kind,reason", [("qwen2_5_vl", "attention windows"), ("llava_next", "tiling"),
+                                         ("bert", "GMM's stack holds")])
 def test_a_family_the_stack_cannot_hold_is_refused_with_the_reason(kind, reason):
     model = types.SimpleNamespace(config=types.SimpleNamespace(model_type=kind))
     with pytest.raises(HarnessError, match=reason):

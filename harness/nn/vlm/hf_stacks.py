@@ -11,6 +11,8 @@ family maps onto that shape with its own pretrained parts:
   idefics3, smolvlm   SigLIP -> pixel shuffle -> the connector's modality_projection -> the LM
   paligemma           SigLIP -> multi_modal_projector -> Gemma, a prefix LM: image and prompt
                       attend both ways, the answer causally (VisionLanguageModel.prefix_lm)
+  qwen2_vl            the ViT's patch states -> the merger (2x2 patches -> one token) -> Qwen2,
+                      with the model's own M-RoPE positions (VisionLanguageModel.positions)
 
 Families that do not fit are refused with the reason (UNSUPPORTED).
 """
@@ -31,15 +33,13 @@ from harness.nn.vlm.text_encoders import minilm_text_encoder
 from harness.nn.vlm.tokenizers import HFTokenizer
 
 UNSUPPORTED = {
-    "qwen2_vl": "its M-RoPE positions are computed from image-token ids and the image grid, not from a "
-                "sequence of projected tokens",
-    "qwen2_5_vl": "its M-RoPE positions are computed from image-token ids and the image grid, not from a "
-                  "sequence of projected tokens",
+    "qwen2_5_vl": "its vision tower reorders patches into attention windows and restores the image's order "
+                  "only after the merger (Qwen2-VL, qwen2_vl, is held)",
     "llava_next": "its any-resolution tiling adds a learned newline token between rows of image tiles, "
                   "which a fixed sequence of projected tokens does not hold",
     "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
 }
-FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma")
+FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma", "qwen2_vl")
 
 
 def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Callable | None = None,
@@ -65,8 +65,8 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
 
         return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
                               processor=processor)
-    build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack}.get(
-        kind, _idefics3_stack)
+    build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack,
+             "qwen2_vl": _qwen2_vl_stack}.get(kind, _idefics3_stack)
     vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
     vlm.proj.requires_grad_(True)
     return vlm
@@ -257,4 +257,84 @@ def _paligemma_stack(model, processor, tokenizer, text_encoder, image_size, name
     vlm = VisionLanguageModel(encoder, model.model.multi_modal_projector.float(), model, tokenizer, text_encoder,
                               chat, "paligemma")
     vlm.prefix_lm = True
+    return vlm
+
+
+# ---- Qwen2-VL ------------------------------------------------------------------------------
+class QwenPatchTokens(nn.Module):
+    """Qwen2-VL's frozen vision path: the image processor's patches (2 frames of 14x14, in the
+    merger's 2x2 order) through the ViT, its states before the merger: (B, h*w, D)."""
+
+    def __init__(self, visual: nn.Module, image_processor, image_size: int, name: str):
+        super().__init__()
+        self.visual, self.image_processor = visual, image_processor
+        step = visual.config.patch_size * visual.config.spatial_merge_size
+        if image_size % step:
+            raise HarnessError(f"Qwen2-VL needs an image size that is a multiple of {step}, not {image_size}")
+        self.image_size = image_size
+        self.register_buffer("zero", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("one", torch.ones(1, 3, 1, 1), persistent=False)
+        self.out_dim = visual.config.embed_dim
+        self.id = f"hf-{name.replace('/', '--')}-vit-{image_size}px"
+
+    def grid(self, batch: int) -> Tensor:
+        side = self.image_size // self.visual.config.patch_size
+        return torch.tensor([[1, side, side]] * batch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tower_pixels(x, self.image_size, self.zero, self.one)  # resized only: the processor normalises
+        patches = self.image_processor(images=list(x.float()), do_resize=False, do_rescale=False,
+                                       return_tensors="pt")["pixel_values"]
+        dtype = next(self.visual.parameters()).dtype
+        states = self.visual(patches.to(x.device, dtype), grid_thw=self.grid(len(x)).to(x.device)).last_hidden_state
+        return states.view(len(x), -1, states.shape[-1])
+
+
+class BatchedMerger(nn.Module):
+    """Qwen2-VL's merger (the trained projection) over a batch: (B, N, D) -> (B, N / 4, H)."""
+
+    def __init__(self, merger: nn.Module, merge: int):
+        super().__init__()
+        self.merger, self.merge = merger, merge
+
+    def tokens_out(self, n: int) -> int:
+        return n // self.merge ** 2
+
+    def forward(self, feats: Tensor) -> Tensor:
+        out = self.merger(feats.reshape(-1, feats.shape[-1]))
+        return out.view(len(feats), -1, out.shape[-1])
+
+
+def _qwen2_vl_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
+    if processor is None:
+        raise HarnessError(f"{name}: a Qwen2-VL model needs its processor (patches, chat template, image token)")
+    tokenizer = _tokenizer(processor, tokenizer)
+    cfg, visual = model.config, model.model.visual
+    side = image_size or 448  # 16x16 merged tokens; the processor's own size depends on each image
+    encoder = QwenPatchTokens(visual, processor.image_processor, side, name)
+    chat = ProcessorChat("", processor.tokenizer.eos_token, "", processor=processor)
+    vlm = VisionLanguageModel(encoder, BatchedMerger(visual.merger, visual.config.spatial_merge_size).float(), model,
+                              tokenizer, text_encoder, chat, "qwen2_vl")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    grid = encoder.grid(1)
+    n_image = int(grid.prod()) // visual.config.spatial_merge_size ** 2
+
+    @functools.lru_cache(maxsize=8)
+    def prompt_positions(before: int, after: int) -> Tensor:
+        # the model's own M-RoPE index over [before][image tokens][after]; the token ids but the
+        # image's do not matter, only the layout
+        ids = torch.full((1, before + n_image + after), 0, dtype=torch.long)
+        ids[0, before:before + n_image] = image_token
+        kinds = (ids == image_token).int()
+        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=kinds, image_grid_thw=grid,
+                                                  attention_mask=torch.ones_like(ids))
+        return positions
+
+    def positions(prompt_len: int, total_len: int) -> Tensor:
+        before = len(vlm.prompt_ids[0])
+        head = prompt_positions(before, prompt_len - before - n_image)
+        tail = head[..., -1:].max() + 1 + torch.arange(total_len - prompt_len)  # text after it counts on by one
+        return torch.cat([head, tail.view(1, 1, -1).expand(3, 1, -1)], dim=-1)
+
+    vlm.positions = positions
     return vlm

@@ -77,6 +77,9 @@ class VisionLanguageModel(nn.Module):
         # A prefix LM (PaliGemma) attends both ways over the image and prompt (token type 0) and
         # causally over the answer (1); its full model, not the bare decoder, builds that mask.
         self.prefix_lm = False
+        # Qwen2-VL's M-RoPE: positions(prompt_len, total_len) -> (3, 1, total_len) position ids
+        # of [prompt with image][tail], as the model computes them from its image grid.
+        self.positions: Callable[[int, int], Tensor] | None = None
         self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         self.set_question("What is this photo of?")
 
@@ -195,6 +198,11 @@ class VisionLanguageModel(nn.Module):
             out[i, :len(s)] = torch.tensor(s)
         return out
 
+    def proj_tokens(self, feats: Tensor) -> int:
+        """How many LM positions the projection makes of one image's encoder tokens (Qwen2-VL's
+        merger joins 2x2 of them)."""
+        return int(getattr(self.proj, "tokens_out", lambda n: n)(feats.shape[1]))
+
     def _embed(self, ids: Tensor) -> Tensor:
         return self.lm.get_input_embeddings()(ids)
 
@@ -210,7 +218,7 @@ class VisionLanguageModel(nn.Module):
         """A KV cache already holding the prompt before the image, for `batch` rows; None when
         it cannot be reused (the LM trains, e.g. LoRA, or there is no such prompt)."""
         ids = self.prompt_ids[0]
-        if not self.reuse_prefix or len(ids) == 0 or self._lm_trains() or self.prefix_lm:
+        if not self.reuse_prefix or len(ids) == 0 or self._lm_trains() or self.prefix_lm or self.positions:
             return None
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         key = (str(device), amp, self.lm_dtype)
@@ -241,6 +249,9 @@ class VisionLanguageModel(nn.Module):
             types[:, :prompt_len] = 0
             kwargs["token_type_ids"] = types
             module = _base_lm(self.lm).model if decoder_only else self.lm
+        if self.positions is not None:
+            kwargs["position_ids"] = self.positions(prompt_len, emb.shape[1]).to(emb.device).expand(-1, len(emb), -1)
+            module = _base_lm(self.lm).model if decoder_only else self.lm
         return module(inputs_embeds=emb, **kwargs)
 
     # ---- training: cross-entropy on the answer tokens only ---------------------------
@@ -269,6 +280,7 @@ class VisionLanguageModel(nn.Module):
         stop = self.stop_ids.to(dev)
         tokens = torch.full((len(feats), max_new_tokens), int(stop[0]), dtype=torch.long, device=dev)
         rows = torch.arange(len(feats), device=dev)  # the rows still writing
+        prompt_len = sum(len(p) for p in self.prompt_ids) + self.proj_tokens(feats)
         for step in range(max_new_tokens):
             tok = out.logits[:, -1].argmax(-1)
             tokens[rows, step] = tok
@@ -283,7 +295,11 @@ class VisionLanguageModel(nn.Module):
                     keep = going.nonzero().flatten()
                     rows, tok = rows[keep], tok[keep]
                     cache.batch_select_indices(keep)
-            out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            extra = {}
+            if self.positions is not None:  # the fed token sits at prompt_len + step
+                extra["position_ids"] = self.positions(prompt_len, prompt_len + step + 1)[..., -1:].to(dev).expand(
+                    -1, len(tok), -1)
+            out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}, **extra)
         stops, kept = set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
         decoded: dict[tuple[int, ...], str] = {}  # few distinct answers: each is decoded once
         texts = []
