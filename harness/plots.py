@@ -155,7 +155,9 @@ def _forgetting(g: pd.DataFrame, protocol: str, style: dict) -> plt.Figure:
         table = tidy.groupby(["label", "task"]).f.mean().unstack("task").reindex(labels)
         width = 0.55 * table.shape[1] + 3 + _label_inches(labels)  # the axes keep their width beside long labels
         fig, ax = plt.subplots(figsize=(width, 0.35 * len(labels) + 1.6), layout="constrained")
-        sns.heatmap(table, annot=table.shape[1] <= 12, fmt=".0f", cmap="rocket_r", vmin=0,
+        # numbers rounded first (+ 0.0 turns -0.0 into 0.0): a forgetting of -0.3 reads "0", not "-0"
+        annot = (table.round() + 0.0) if table.shape[1] <= 12 else False
+        sns.heatmap(table, annot=annot, fmt=".0f", cmap="rocket_r", vmin=0,
                     cbar_kws={"label": "Forgetting (%)"}, ax=ax)
         ax.set(xlabel="Task", ylabel="", title=f"{protocol}: forgetting of each task after the last one "
                                                "(Chaudhry; mean over seeds)")
