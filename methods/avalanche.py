@@ -35,6 +35,17 @@ def _rwalk_params():
             "delta_t": Param(10, "RWalkPlugin's `delta_t`: iterations between importance updates", low=1)}
 
 
+def _lfl(method):
+    # Avalanche's LFL strategy is Naive with LFLPlugin; the harness's plugin keeps training mode
+    from harness.cil.regularisers import TrainModeLFLPlugin
+    return [TrainModeLFLPlugin(lambda_e=method.hp["lambda_e"])]
+
+
+def _lfl_params():
+    from harness.params import Param
+    return {"lambda_e": Param(1.0, "LFLPlugin's `lambda_e`: weight of the feature-distance penalty", low=0.0)}
+
+
 def _contiguous(method, model):
     # AGEM and GSS flatten gradients with .view(-1), which channels-last weights' gradients refuse.
     import torch
@@ -134,8 +145,8 @@ SPECS = [
     StrategySpec("mir", "MIR", "Aljundi et al., Online Continual Learning with Maximally Interfered Retrieval, "
                  "NeurIPS 2019", defaults={"mem_size": MEMORY, "subsample": 50, "batch_size_mem": 10},
                  plugin_transient={"MIRPlugin": ("replay_loader",)}, on_resume=_mir_loader),
-    StrategySpec("lfl", "LFL", "Jung et al., Less-forgetful Learning, 2016", defaults={"lambda_e": 1.0},
-                 model=_feature_net),
+    StrategySpec("lfl", "Naive", "Jung et al., Less-forgetful Learning, 2016", wraps="LFLPlugin on Naive",
+                 plugins=_lfl, plugin_params=_lfl_params(), model=_feature_net),
 ]
 
 for _spec in SPECS:

@@ -185,3 +185,41 @@ def test_rwalk_trains_in_training_mode(tmp_path, method, sets):
     summary = next(tmp_path.rglob("summary.json"))
     first_task = json.loads(summary.read_text())["accuracy_matrix"][0][0]
     assert first_task > 30  # chance is 10%; the broken plugin gave exactly 10.0
+
+
+def test_lfl_penalty_leaves_the_model_in_training_mode():
+    """Avalanche's LFLPlugin computes its penalty in eval mode and leaves the model there (from the
+    second experience on it trained with frozen batch norm, and its loss became NaN on QuickDraw);
+    the harness's plugin adds the same penalty and restores training mode."""
+    import copy
+    import types
+
+    import torch
+    from avalanche.training.plugins import LFLPlugin
+
+    from harness.cil.regularisers import TrainModeLFLPlugin
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+
+        def get_features(self, x):
+            return self.body(x)
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    penalties = {}
+    for plugin_class in (LFLPlugin, TrainModeLFLPlugin):
+        torch.manual_seed(0)
+        model = Net().train()
+        plugin = plugin_class(lambda_e=0.5)
+        plugin.prev_model = copy.deepcopy(model)
+        with torch.no_grad():
+            model.body[0].weight.add_(0.1)  # the models differ: the penalty is not zero
+        strategy = types.SimpleNamespace(model=model, mb_x=x, loss=torch.tensor(0.0),
+                                         clock=types.SimpleNamespace(train_exp_counter=1))
+        plugin.before_backward(strategy)
+        penalties[plugin_class] = (strategy.loss.item(), model.training)
+    assert penalties[LFLPlugin][1] is False  # upstream: left in eval mode
+    assert penalties[TrainModeLFLPlugin][1] is True
+    assert penalties[TrainModeLFLPlugin][0] == penalties[LFLPlugin][0] > 0  # the same penalty
