@@ -93,17 +93,35 @@ def _tokenizer(processor, tokenizer):
 
 
 # ---- BLIP-2 and InstructBLIP ---------------------------------------------------------------
-class QFormerTokens(nn.Module):
+class _Tower(nn.Module):
+    """A frozen vision path fed images in [0, 1] at `image_size`, normalised by its processor's statistics."""
+
+    def __init__(self, image_size: int, mean, std):
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def pixels(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return tower_pixels(x, self.image_size, self.mean, self.std).to(dtype)
+
+
+def _bos_eos(tokenizer, default_end: str) -> tuple[tuple[int, ...], str]:
+    """The tokenizer's BOS id (none where it has none) and its end-of-sequence text."""
+    raw = getattr(tokenizer, "tok", None)
+    bos = (raw.bos_token_id,) if raw is not None and raw.bos_token_id is not None else ()
+    return bos, raw.eos_token if raw is not None else default_end
+
+
+class QFormerTokens(_Tower):
     """The frozen vision path of BLIP-2 / InstructBLIP: ViT -> the Q-Former's query outputs (B, Q, D),
     as the model computes them before its language_projection. InstructBLIP's Q-Former also
     reads the question (set_question), so the tokens and the id depend on it."""
 
     def __init__(self, model: nn.Module, image_size: int, mean, std, name: str, qformer_tokenizer=None):
-        super().__init__()
+        super().__init__(image_size, mean, std)
         self.vision_model, self.qformer, self.query_tokens = model.vision_model, model.qformer, model.query_tokens
-        self.image_size, self.qformer_tokenizer = image_size, qformer_tokenizer
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.qformer_tokenizer = qformer_tokenizer
         self.register_buffer("question_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self.out_dim = model.config.qformer_config.hidden_size
         self._name = f"hf-{name.replace('/', '--')}-qformer-{image_size}px"
@@ -124,7 +142,7 @@ class QFormerTokens(nn.Module):
             self.question_ids = torch.tensor(ids, dtype=torch.long, device=self.query_tokens.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tower_pixels(x, self.image_size, self.mean, self.std).to(self.query_tokens.dtype)
+        x = self.pixels(x, self.query_tokens.dtype)
         image = self.vision_model(pixel_values=x).last_hidden_state
         b, q = len(image), self.query_tokens.shape[1]
         queries = self.query_tokens.expand(b, -1, -1)
@@ -160,9 +178,7 @@ def _qformer_stack(model, processor, tokenizer, text_encoder, image_size, name) 
     tokenizer = _tokenizer(processor, tokenizer)
     size, mean, std = _statistics(processor, model.config.vision_config.image_size, image_size)
     encoder = QFormerTokens(model, size, mean, std, name, getattr(processor, "qformer_tokenizer", None))
-    raw = getattr(tokenizer, "tok", None)
-    bos = (raw.bos_token_id,) if raw is not None and raw.bos_token_id is not None else ()
-    end = raw.eos_token if raw is not None else "</s>"
+    bos, end = _bos_eos(tokenizer, "</s>")
     template = "{content}" if model.config.model_type == "instructblip" else "Question: {content} Answer:"
     chat = AfterQueriesChat(template, end, " ", bos=bos)
     return VisionLanguageModel(encoder, model.language_projection.float(), lm, tokenizer, text_encoder, chat,
@@ -170,25 +186,22 @@ def _qformer_stack(model, processor, tokenizer, text_encoder, image_size, name) 
 
 
 # ---- Idefics3 and SmolVLM ------------------------------------------------------------------
-class PixelShuffleTokens(nn.Module):
+class PixelShuffleTokens(_Tower):
     """Idefics3's / SmolVLM's frozen vision path: SigLIP's last hidden state, pixel-shuffled by the
     connector's own function (scale s: s*s neighbouring patches -> one token of s*s*D)."""
 
     def __init__(self, model: nn.Module, image_size: int, mean, std, name: str):
-        super().__init__()
+        super().__init__(image_size, mean, std)
         inner = model.model
         self.vision_model = inner.vision_model
         connector = inner.connector
         # the connector's function, not the connector (its modality_projection is the trained part)
         self._shuffle = functools.partial(type(connector).pixel_shuffle, connector, scale_factor=connector.scale_factor)
-        self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.out_dim = model.config.vision_config.hidden_size * connector.scale_factor ** 2
         self.id = f"hf-{name.replace('/', '--')}-shuffle{connector.scale_factor}-{image_size}px"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tower_pixels(x, self.image_size, self.mean, self.std).to(next(self.vision_model.parameters()).dtype)
+        x = self.pixels(x, next(self.vision_model.parameters()).dtype)
         return self._shuffle(self.vision_model(pixel_values=x).last_hidden_state)
 
 
@@ -230,30 +243,26 @@ def _idefics3_stack(model, processor, tokenizer, text_encoder, image_size, name)
 
 
 # ---- PaliGemma -----------------------------------------------------------------------------
-class SiglipTokens(nn.Module):
+class SiglipTokens(_Tower):
     """PaliGemma's frozen vision path: SigLIP's last hidden state, one token per patch."""
 
     def __init__(self, tower: nn.Module, image_size: int, mean, std, name: str):
-        super().__init__()
-        self.tower, self.image_size = tower, image_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        super().__init__(image_size, mean, std)
+        self.tower = tower
         self.out_dim = tower.config.hidden_size
         self.id = f"hf-{name.replace('/', '--')}-siglip-{image_size}px"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tower_pixels(x, self.image_size, self.mean, self.std).to(next(self.tower.parameters()).dtype)
-        return self.tower(pixel_values=x).last_hidden_state
+        return self.tower(pixel_values=self.pixels(x, next(self.tower.parameters()).dtype)).last_hidden_state
 
 
 def _paligemma_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
     tokenizer = _tokenizer(processor, tokenizer)
     size, mean, std = _statistics(processor, model.config.vision_config.image_size, image_size)
     encoder = SiglipTokens(model.model.vision_tower, size, mean, std, name)
-    raw = getattr(tokenizer, "tok", None)
-    bos = (raw.bos_token_id,) if raw is not None and raw.bos_token_id is not None else ()
+    bos, end = _bos_eos(tokenizer, "<eos>")
     # the processor's string: image tokens, BOS, the prompt, a newline; the answer, then EOS
-    chat = AfterQueriesChat("{content}\n", raw.eos_token if raw is not None else "<eos>", "", bos=bos)
+    chat = AfterQueriesChat("{content}\n", end, "", bos=bos)
     vlm = VisionLanguageModel(encoder, model.model.multi_modal_projector.float(), model, tokenizer, text_encoder,
                               chat, "paligemma")
     vlm.prefix_lm = True
