@@ -35,6 +35,19 @@ def _rwalk_params():
             "delta_t": Param(10, "RWalkPlugin's `delta_t`: iterations between importance updates", low=1)}
 
 
+def _si(method):
+    from harness.cil.regularisers import CorrectedSIPlugin
+    return [CorrectedSIPlugin(si_lambda=method.hp["si_lambda"], eps=method.hp["eps"])]
+
+
+def _si_params():
+    from harness.params import Param
+    return {"si_lambda": Param(1.0, "SynapticIntelligencePlugin's `si_lambda`: weight of the path-integral penalty",
+                               low=0.0),
+            "eps": Param(1e-7, "SynapticIntelligencePlugin's `eps`: damping of the importance's denominator",
+                         low=0.0)}
+
+
 def _lfl(method):
     # Avalanche's LFL strategy is Naive with LFLPlugin; the harness's plugin keeps training mode
     from harness.cil.regularisers import TrainModeLFLPlugin
@@ -117,9 +130,9 @@ SPECS = [
                  helps={"ewc_lambda": "weight of the Fisher penalty (chosen on quickdraw20_2x10: 1,000, PyCIL's, "
                                       "diverges there at lr 0.1)",
                         "mode": "separate (one penalty per task) or online (decayed running Fisher)"}),
-    StrategySpec("si", "SynapticIntelligence", "Zenke et al., Continual Learning Through Synaptic "
-                 "Intelligence, ICML 2017", defaults={"si_lambda": 1.0},
-                 helps={"si_lambda": "weight of the path-integral penalty"}),
+    StrategySpec("si", "Naive", "Zenke et al., Continual Learning Through Synaptic Intelligence, ICML 2017",
+                 wraps="SynapticIntelligencePlugin on Naive, snapshots copied, importances clamped at 0", plugins=_si,
+                 plugin_params=_si_params()),
     StrategySpec("mas", "MAS", "Aljundi et al., Memory Aware Synapses, ECCV 2018",
                  helps={"lambda_reg": "weight of the importance penalty"}, hidden=("verbose",)),
     StrategySpec("rwalk", "Naive", "Chaudhry et al., Riemannian Walk, ECCV 2018", wraps="RWalkPlugin on Naive",

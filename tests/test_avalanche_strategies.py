@@ -145,7 +145,7 @@ def test_scores_go_through_the_strategy_s_eval_forward_hooks():
     assert torch.equal(method.class_scores(x), plain * 2)
 
 
-@pytest.mark.parametrize("kind, plugin, weight", [("ewc", "EWCPlugin", "ewc_lambda"), ("si", "SynapticIntelligencePlugin",
+@pytest.mark.parametrize("kind, plugin, weight", [("ewc", "EWCPlugin", "ewc_lambda"), ("si", "CorrectedSIPlugin",
                                                   "si_lambda"), ("mas", "MASPlugin", "_lambda"),
                                                  ("rwalk", "TrainModeRWalkPlugin", "ewc_lambda")])
 def test_a_regulariser_joins_any_method_that_declares_it(kind, plugin, weight):
@@ -223,3 +223,44 @@ def test_lfl_penalty_leaves_the_model_in_training_mode():
     assert penalties[LFLPlugin][1] is False  # upstream: left in eval mode
     assert penalties[TrainModeLFLPlugin][1] is True
     assert penalties[TrainModeLFLPlugin][0] == penalties[LFLPlugin][0] > 0  # the same penalty
+
+
+def test_si_measures_every_weight_s_path_and_no_importance_is_negative():
+    """On CPU Avalanche's SI stores its weight snapshots as views of the live weights: the step it
+    measures is zero, so no weight gets an importance and the penalty's anchor moves with the
+    weights. Its importance is also clipped from above only: a weight that stepped uphill would
+    get a negative one and the penalty would fall without bound as it moves away (-inf on
+    quickdraw100_10x10). The harness's plugin copies the snapshots and clamps at 0."""
+    import types
+
+    from avalanche.training.plugins import SynapticIntelligencePlugin
+
+    from harness.cil.regularisers import CorrectedSIPlugin
+
+    results = {}
+    for plugin_class in (SynapticIntelligencePlugin, CorrectedSIPlugin):
+        model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        strategy = types.SimpleNamespace(model=model, device="cpu", loss=torch.tensor(0.0),
+                                         clock=types.SimpleNamespace(train_exp_counter=1))
+        plugin = plugin_class(si_lambda=1.0)
+        plugin.before_training_exp(strategy)
+        plugin.before_training_iteration(strategy)
+        model.weight.grad = torch.tensor([[1.0, 1.0]])
+        with torch.no_grad():  # an in-place step, as torch's optimisers take it
+            model.weight.add_(torch.tensor([[0.1, -0.1]]))  # first weight uphill, second downhill
+        plugin.after_training_iteration(strategy)
+        plugin.after_training_exp(strategy)
+        importance = plugin.ewc_data[1]["weight"].data.clone()
+        path = plugin.syn_data["cum_trajectory"]["weight"].data.clone()
+        with torch.no_grad():
+            model.weight.add_(torch.tensor([[100.0, 1.0]]))  # both move away from the task's end
+        plugin.before_backward(strategy)
+        results[plugin_class] = importance, path, strategy.loss.item()
+    (upstream_importance, upstream_path, upstream_penalty) = results[SynapticIntelligencePlugin]
+    importance, path, penalty = results[CorrectedSIPlugin]
+    assert upstream_path.eq(0).all() and upstream_importance.eq(0).all() and upstream_penalty == 0  # step unseen
+    assert path.tolist() == pytest.approx([10.0, -10.0], rel=1e-4)  # g·Δθ / Δθ²: Avalanche's importance is -path
+    assert importance.tolist() == pytest.approx([0.0, 0.001])  # -10 clamped at 0, +10 clipped at Avalanche's 0.001
+    assert penalty == pytest.approx(0.5 * 0.001 * 1.0**2)  # only the downhill weight is held, by λ/2·Ω·Δ²
