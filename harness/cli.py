@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="results folders, searched recursively")
     report.add_argument("--format", default="md", choices=("md", "latex", "csv", "html"),
                         help="html: one self-contained page (figures embedded), also written by every run")
+    report.add_argument("--write", action="store_true", help="also (re)write the folder's table.md/csv/tex, "
+                        "sessions, figures and HTML page, as `run` does, without training or retrying failed runs")
     report.add_argument("--experiment", metavar="FILE", help="order and name the rows as this experiment file "
                         "lists them")
     report.add_argument("--sessions", action="store_true",
@@ -426,6 +428,19 @@ def cmd_report(args) -> int:
                 if row.name:
                     names[label] = row.name
         runs.attrs["order"], runs.attrs["names"] = order, names
+    if args.write:  # the files `run` writes, from the runs already there: nothing trains
+        from harness.plots import write_figures
+        from harness.report import write_report
+
+        if len(args.dirs) != 1:
+            print("error: --write takes one results folder (the protocol's, e.g. results/quickdraw20_2x10)",
+                  file=sys.stderr)
+            return 2
+        embedded: list = []
+        out_dir = Path(args.dirs[0])
+        figures = write_figures(runs, out_dir / "plots", embedded)  # first: the page embeds them
+        written = write_report(runs, out_dir, embedded=embedded) + figures
+        print("\n".join(str(p) for p in written), file=sys.stderr)
     print(render(runs, args.format, sessions=args.sessions), end="")
     return 0
 

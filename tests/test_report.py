@@ -1,0 +1,17 @@
+
+
+def test_report_write_rewrites_a_folder_s_tables_without_training(tmp_path):
+    import shutil
+
+    from harness.cli import main
+
+    folder = tmp_path / "quickdraw40_4x10"
+    shutil.copytree("results/reference/quickdraw40_4x10", folder)
+    for name in ("table.md", "table.csv", "report.html"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "plots", ignore_errors=True)
+    assert main(["report", "--write", str(folder)]) == 0
+    table = (folder / "table.md").read_text()
+    assert "| naive |" in table and (folder / "table.csv").exists() and (folder / "report.html").exists()
+    assert list((folder / "plots").glob("*.png"))
+    assert main(["report", "--write", str(folder), str(tmp_path)]) == 2  # one folder only
