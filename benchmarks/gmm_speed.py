@@ -22,6 +22,7 @@ answers have the same length; each uses its own default evaluation batch.
 
     python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 40]
         [--batch 16 [256 ...]] [--eval-batch 256 [32768 ...]] [--compile] [--question before_image]
+        [--precision fp32 bf16] [--attention auto sdpa]
 
 On a GPU the batch sizes decide the figures (a step's fixed cost bounds small batches):
 results/reference/h200/README.md has the commands and output of one H200.
@@ -122,6 +123,9 @@ def main(argv=None) -> None:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("auto", "fp32", "bf16"),
                     help="the frozen LM's precisions to time, one after the other (as gmm.precision)")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=("auto", "sdpa"),
+                    help="the LM's attention: auto (GMM's: float32 products for bf16 on a CPU, else SDPA) or sdpa "
+                    "everywhere; several are timed one after the other")
     ap.add_argument("--question", default="after_image", choices=("after_image", "before_image"), help="as gmm.question")
     ap.add_argument("--visual-tokens", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=112, help="GMM's QuickDraw setting")
@@ -145,14 +149,16 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=LANDED, help="git revision, or a copy of its harness/vlm.py, to compare "
                     "with ('' skips it)")
     args = ap.parse_args(argv)
-    summaries = [measure(args, precision, baseline=args.baseline if i == 0 else "")
-                 for i, precision in enumerate(args.precision)]
+    runs = [(p, a) for p in args.precision for a in args.attention]
+    summaries = [measure(args, precision, baseline=args.baseline if i == 0 else "", attention=attention)
+                 for i, (precision, attention) in enumerate(runs)]
     print("\n" + "\n".join(summaries))
 
 
-def measure(args, precision: str, baseline: str) -> str:
-    """Time one precision of the frozen LM (and the landed code, where `baseline`); returns the summary."""
-    print(f"\n=== gmm.precision={precision}", flush=True)
+def measure(args, precision: str, baseline: str, attention: str = "auto") -> str:
+    """Time one precision and attention of the frozen LM (and the landed code, where `baseline`);
+    returns the summary."""
+    print(f"\n=== gmm.precision={precision}, attention {attention}", flush=True)
     dev = torch.device(args.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -176,6 +182,7 @@ def measure(args, precision: str, baseline: str) -> str:
     print(f"gmm.precision=auto would take {auto['precision']} here: fp32 {auto['gflops']['fp32']:.0f} GFLOPS, bf16 "
           f"{auto['gflops']['bf16']:.0f} on the LM's {'x'.join(map(str, shape))} product ({auto['rule']}; "
           f"{auto['measured_on']})", flush=True)
+    vlm.cpu_bf16_attention = attention == "auto"
     vlm.set_lm_dtype(dtype)
     vlm.set_question("What is this drawing of?", before_image=args.question == "before_image")
     vlm.to(dev)
@@ -183,7 +190,8 @@ def measure(args, precision: str, baseline: str) -> str:
     if args.compile:
         print(f"compiled {vlm.compile_pointwise()} LM modules (MLPs and norms)", flush=True)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-          f" stack {'random weights' if args.random_weights else 'offline'}, LM {vlm.lm_dtype}, question "
+          f" stack {'random weights' if args.random_weights else 'offline'}, LM {vlm.lm_dtype}, attention "
+          f"{vlm.lm.get_decoder().config._attn_implementation}, question "
           f"{args.question}, loaded in {time.perf_counter() - t:.1f}s", flush=True)
 
     @torch.no_grad()
@@ -319,7 +327,7 @@ def measure(args, precision: str, baseline: str) -> str:
 
     print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
     tb, eb = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
-    summary = (f"summary ({dev}, LM in {precision}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval "
+    summary = (f"summary ({dev}, LM in {precision}, attention {attention}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval "
                f"{rates['eval'][eb]:.1f} images/s (batch {eb}); fp32 GEMM {gemm_start:.0f} GFLOPS")
     print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
           f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "

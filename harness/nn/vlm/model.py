@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.errors import HarnessError
+from harness.nn.vlm.attention import lm_attention
 
 
 @dataclass
@@ -74,6 +75,9 @@ class VisionLanguageModel(nn.Module):
         # keys/values are computed once and shared by every training step and generation
         # (reuse_prefix=False recomputes them each time; the tests compare both paths).
         self.reuse_prefix = True
+        # bf16 on a CPU: attention in float32 products (harness.nn.vlm.attention); False keeps
+        # the LM's own (SDPA) everywhere. _pick_attention applies it.
+        self.cpu_bf16_attention = True
         # A prefix LM (PaliGemma) attends both ways over the image and prompt (token type 0) and
         # causally over the answer (1); its full model, not the bare decoder, builds that mask.
         self.prefix_lm = False
@@ -81,6 +85,7 @@ class VisionLanguageModel(nn.Module):
         # of [prompt with image][tail], as the model computes them from its image grid.
         self.positions: Callable[[int, int], Tensor] | None = None
         self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self._attn_default = getattr(self.lm.get_decoder().config, "_attn_implementation", None)
         self.set_question("What is this photo of?")
 
     def _apply(self, fn, recurse: bool = True):
@@ -89,6 +94,7 @@ class VisionLanguageModel(nn.Module):
         # .to(), .cuda() and .cpu() all end here.
         super()._apply(fn, recurse)
         self._prefix_kv.clear()  # computed on the old device or dtype
+        self._pick_attention()
         move = getattr(self.text_encoder, "to", None)
         if callable(move):
             move(next(self.proj.parameters()).device)  # LLaVA's projector has no .weight
@@ -146,6 +152,18 @@ class VisionLanguageModel(nn.Module):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         self._prefix_kv.clear()
+        self._pick_attention()
+
+    def _pick_attention(self) -> None:
+        """The LM decoder's attention for where it now runs (harness.nn.vlm.attention: bf16 on a CPU
+        computes GMM's short attentions in float32 products, SDPA's flash kernel being slow there)."""
+        if getattr(self, "_attn_default", None) is None:  # (not set yet while __init__ runs)
+            return
+        decoder = self.lm.get_decoder()
+        want = lm_attention(next(self.proj.parameters()).device, self.lm_dtype, self._attn_default) \
+            if self.cpu_bf16_attention else self._attn_default
+        if decoder.config._attn_implementation != want:
+            decoder.set_attn_implementation(want)
 
     @property
     def lm_dtype(self) -> torch.dtype:
