@@ -233,8 +233,56 @@ def test_qwen2_vl_stack_keeps_the_models_m_rope_positions(tokenizer):
     _trains_projection_only(vlm)
 
 
-@pytest.mark.parametrize("kind,reason", [("qwen2_5_vl", "attention windows"), ("llava_next", "tiling"),
-                                         ("bert", "GMM's stack holds")])
+NEXT_TEMPLATE = ("{% for message in messages %}[INST] {% for c in message['content'] %}{% if c['type'] == 'image' %}"
+                 "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} [/INST]{% endfor %}")  # llava-v1.6-mistral's
+
+
+def test_llava_next_stack_tiles_and_packs_as_the_model_does(tokenizer):
+    """LLaVA-NeXT's any-resolution path: the processor's tiles, the model's own packing (unpadded
+    tiles, newline per row) and its loss on the processor's inputs."""
+    from PIL import Image
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    tok = type(tokenizer).from_pretrained(smollm2_path())
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    grid = [[28, 56], [56, 28], [56, 56]]
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                 image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy="default", chat_template=NEXT_TEMPLATE)
+    torch.manual_seed(0)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=28, **VISION), image_grid_pinpoints=grid,
+                          text_config=LlamaConfig(vocab_size=len(tok), **TEXT),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    vlm = hf_vlm_stack(model, processor=processor, text_encoder=NgramTextEncoder())
+    vlm.set_question("What is this drawing of?")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this drawing of?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=Image.fromarray(np.full((28, 28, 3), 255, np.uint8)), return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    image = tok.convert_tokens_to_ids("<image>")
+    before, after = (p.tolist() for p in vlm.prompt_ids)
+    with torch.no_grad():
+        feats = vlm.encoder(torch.ones(1, 1, 28, 28))
+        ours = vlm.proj(feats)
+        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        torch.testing.assert_close(ours[0], theirs[0])
+        # base view 2x2 patches, then the 1x2 grid of tiles unpadded to the square image (2x2) + a newline per row
+        assert ours.shape[1] == 4 + 4 + 2
+        assert ids == before + [image] * ours.shape[1] + after
+        answer = vlm.answer_ids(["This is a drawing of a cat."])
+        own = model(input_ids=torch.cat([inputs["input_ids"], answer.clamp(min=0)], 1),
+                    pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                    labels=torch.cat([torch.full_like(inputs["input_ids"], -100), answer], 1)).loss
+        torch.testing.assert_close(vlm.loss(feats, answer), own)
+    assert not model.model.image_newline.requires_grad  # the newline is the model's, frozen
+    _trains_projection_only(vlm)
+
+
+@pytest.mark.parametrize("kind,reason", [("qwen2_5_vl", "attention windows"), ("bert", "GMM's stack holds")])
 def test_a_family_the_stack_cannot_hold_is_refused_with_the_reason(kind, reason):
     model = types.SimpleNamespace(config=types.SimpleNamespace(model_type=kind))
     with pytest.raises(HarnessError, match=reason):

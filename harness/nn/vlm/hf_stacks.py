@@ -13,6 +13,9 @@ family maps onto that shape with its own pretrained parts:
                       attend both ways, the answer causally (VisionLanguageModel.prefix_lm)
   qwen2_vl            the ViT's patch states -> the merger (2x2 patches -> one token) -> Qwen2,
                       with the model's own M-RoPE positions (VisionLanguageModel.positions)
+  llava_next          the processor's any-resolution tiles (a base view and the tiles of the
+                      best grid) -> CLIP's chosen layer -> multi_modal_projector -> the model's
+                      own packing (tiles unpadded, its learned newline after each row) -> the LM
 
 Families that do not fit are refused with the reason (UNSUPPORTED).
 """
@@ -35,11 +38,9 @@ from harness.nn.vlm.tokenizers import HFTokenizer
 UNSUPPORTED = {
     "qwen2_5_vl": "its vision tower reorders patches into attention windows and restores the image's order "
                   "only after the merger (Qwen2-VL, qwen2_vl, is held)",
-    "llava_next": "its any-resolution tiling adds a learned newline token between rows of image tiles, "
-                  "which a fixed sequence of projected tokens does not hold",
     "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
 }
-FAMILIES = ("llava", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma", "qwen2_vl")
 
 
 def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Callable | None = None,
@@ -66,7 +67,7 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
         return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
                               processor=processor)
     build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack,
-             "qwen2_vl": _qwen2_vl_stack}.get(kind, _idefics3_stack)
+             "qwen2_vl": _qwen2_vl_stack, "llava_next": _llava_next_stack}.get(kind, _idefics3_stack)
     vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
     vlm.proj.requires_grad_(True)
     return vlm
@@ -347,3 +348,65 @@ def _qwen2_vl_stack(model, processor, tokenizer, text_encoder, image_size, name)
 
     vlm.positions = positions
     return vlm
+
+
+# ---- LLaVA-NeXT ----------------------------------------------------------------------------
+class AnyResTiles(nn.Module):
+    """LLaVA-NeXT's frozen vision path: each image (resized to `image_size`, square) cut by the
+    image processor into its base view and the tiles of its best grid, each through the vision
+    tower's chosen layer: (B, tiles, patches, D). Every image has the same size, so the same tiles."""
+
+    def __init__(self, model: nn.Module, image_processor, image_size: int, name: str):
+        super().__init__()
+        cfg = model.config
+        self.tower, self.image_processor, self.image_size = model.model.vision_tower, image_processor, image_size
+        layer = cfg.vision_feature_layer
+        self.layers = layer if isinstance(layer, list) else [layer]
+        self.strategy = cfg.vision_feature_select_strategy
+        self.register_buffer("zero", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("one", torch.ones(1, 3, 1, 1), persistent=False)
+        self.out_dim = cfg.vision_config.hidden_size * len(self.layers)
+        layers = "_".join(map(str, self.layers))
+        self.id = f"hf-{name.replace('/', '--')}-anyres-L{layers}-{self.strategy}-{image_size}px"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = tower_pixels(x, self.image_size, self.zero, self.one)  # resized only: the processor tiles and normalises
+        tiles = self.image_processor(images=list(x.float()), do_rescale=False, return_tensors="pt")["pixel_values"]
+        b, n = tiles.shape[:2]
+        hidden = self.tower(tiles.flatten(0, 1).to(x.device, next(self.tower.parameters()).dtype),
+                            output_hidden_states=True).hidden_states
+        h = torch.cat([hidden[layer] for layer in self.layers], dim=-1)
+        h = h[:, 1:] if self.strategy == "default" else h
+        return h.view(b, n, *h.shape[1:])
+
+
+class AnyResProjection(nn.Module):
+    """LLaVA-NeXT's projector (the trained part) over every tile, then the model's own
+    pack_image_features: the tiles' tokens unpadded to the image's shape, its learned (frozen)
+    newline after each row, after the base view's tokens: (B, tiles, patches, D) -> (B, T, H)."""
+
+    def __init__(self, model: nn.Module, image_size: int):
+        super().__init__()
+        self.projector = model.model.multi_modal_projector
+        self._model = (model.model,)  # a reference, not a submodule: the newline stays the LM's, frozen
+        self.image_size = image_size
+
+    def forward(self, feats: Tensor) -> Tensor:
+        inner = self._model[0]
+        out = self.projector(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
+        sizes = torch.tensor([[self.image_size, self.image_size]] * len(feats), device=feats.device)
+        packed, _ = inner.pack_image_features(list(out), sizes, vision_feature_select_strategy=inner.config.
+                                              vision_feature_select_strategy, image_newline=inner.image_newline)
+        return torch.stack(packed)
+
+
+def _llava_next_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
+    from harness.nn.vlm.stacks import processor_chat
+
+    if processor is None:
+        raise HarnessError(f"{name}: a LLaVA-NeXT model needs its processor (its tiling, chat template, image token)")
+    tokenizer = _tokenizer(processor, tokenizer)
+    side = image_size or model.config.vision_config.image_size
+    encoder = AnyResTiles(model, processor.image_processor, side, name)
+    return VisionLanguageModel(encoder, AnyResProjection(model, side).float(), model, tokenizer, text_encoder,
+                               processor_chat(processor), "llava_next")

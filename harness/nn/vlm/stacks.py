@@ -60,6 +60,16 @@ def _hf_by_name(in_channels: int, visual_tokens: int, image_size: int, hf_name: 
     return hf_vlm_stack(hf_name)
 
 
+def processor_chat(processor) -> ProcessorChat:
+    """The prompt of a LLaVA-style processor's chat template, ended by its tokenizer's EOS."""
+    # "...ASSISTANT:" (llava-1.5) wants a space before the answer; a template whose turn
+    # ends with a newline does not.
+    lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    return ProcessorChat("", processor.tokenizer.eos_token, " " if lead.rstrip(" ").endswith(":") else "",
+                         processor=processor)
+
+
 @register_stack("hf_llava")
 def _hf_llava_by_name(in_channels: int, visual_tokens: int, image_size: int, hf_name: str) -> VisionLanguageModel:
     return hf_llava_stack(hf_name)
@@ -92,9 +102,6 @@ def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None 
         size = ip.crop_size if getattr(ip, "crop_size", None) else ip.size
         image_size = image_size or (size["height"] if "height" in size else size["shortest_edge"])
         mean, std = mean or ip.image_mean, std or ip.image_std
-        end = processor.tokenizer.eos_token
-    else:
-        end = "<|im_end|>" if isinstance(tokenizer, ByteTokenizer) else "</s>"
     cfg = model.config
     image_size = image_size or cfg.vision_config.image_size
     mean = mean or (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics, llava-1.5's default
@@ -102,12 +109,9 @@ def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None 
     encoder = HFVisionTokens(model.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy,
                              image_size, mean, std, name)
     if processor is not None:
-        # "...ASSISTANT:" (llava-1.5) wants a space before the answer; a template whose turn
-        # ends with a newline does not.
-        lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
-                                             add_generation_prompt=True, tokenize=False)
-        chat = ProcessorChat("", end, " " if lead.rstrip(" ").endswith(":") else "", processor=processor)
+        chat = processor_chat(processor)
     else:
+        end = "<|im_end|>" if isinstance(tokenizer, ByteTokenizer) else "</s>"
         chat = ChatFormat(LLAVA.template, end, LLAVA.answer_lead)
     projector = model.model.multi_modal_projector.float()
     vlm = VisionLanguageModel(encoder, projector, model, tokenizer, text_encoder or minilm_text_encoder(), chat,
