@@ -327,7 +327,8 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
 
     print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
     tb, eb = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
-    summary = (f"summary ({dev}, LM in {precision}, attention {attention}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval "
+    summary = (f"summary ({dev}, LM in {precision}, attention {attention}): train {rates['train'][tb]:.1f} "
+               f"samples/s (batch {tb}), eval "
                f"{rates['eval'][eb]:.1f} images/s (batch {eb}); fp32 GEMM {gemm_start:.0f} GFLOPS")
     print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
           f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "

@@ -11,6 +11,8 @@ go to SDPA as before.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +50,7 @@ def fp32_scores_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def register() -> str:
     """Make NAME known to transformers (its attention function and the mask it expects: an
     additive one always built, as for 'eager'); returns NAME."""

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.errors import HarnessError
-from harness.nn.vlm.image_encoders import tower_pixels
-from harness.nn.vlm.model import ChatFormat, ProcessorChat, VisionLanguageModel
+from harness.nn.vlm.image_encoders import tower_pixels, tower_resize
+from harness.nn.vlm.model import ChatFormat, ProcessorChat, VisionLanguageModel, processor_chat
 from harness.nn.vlm.text_encoders import minilm_text_encoder
 from harness.nn.vlm.tokenizers import HFTokenizer
 
@@ -233,12 +233,8 @@ def _idefics3_stack(model, processor, tokenizer, text_encoder, image_size, name)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(model.config.text_config)
     lm.model, lm.lm_head = model.model.text_model, model.lm_head
-    raw = processor.tokenizer
-    end = getattr(processor, "end_of_utterance_token", None) or raw.eos_token
-    chat = Idefics3Chat("", end, "", processor=processor)
-    lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
-                                         add_generation_prompt=True, tokenize=False)
-    chat.answer_lead = " " if lead.rstrip(" ").endswith(":") else ""
+    end = getattr(processor, "end_of_utterance_token", None) or processor.tokenizer.eos_token
+    chat = processor_chat(processor, end, Idefics3Chat)
     proj = model.model.connector.modality_projection.float()
     return VisionLanguageModel(encoder, proj, lm, tokenizer, text_encoder, chat, model.config.model_type)
 
@@ -282,8 +278,6 @@ class QwenPatchTokens(nn.Module):
         if image_size % step:
             raise HarnessError(f"Qwen2-VL needs an image size that is a multiple of {step}, not {image_size}")
         self.image_size = image_size
-        self.register_buffer("zero", torch.zeros(1, 3, 1, 1), persistent=False)
-        self.register_buffer("one", torch.ones(1, 3, 1, 1), persistent=False)
         self.out_dim = visual.config.embed_dim
         self.id = f"hf-{name.replace('/', '--')}-vit-{image_size}px"
 
@@ -292,7 +286,7 @@ class QwenPatchTokens(nn.Module):
         return torch.tensor([[1, side, side]] * batch)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tower_pixels(x, self.image_size, self.zero, self.one)  # resized only: the processor normalises
+        x = tower_resize(x, self.image_size)  # the processor normalises
         patches = self.image_processor(images=list(x.float()), do_resize=False, do_rescale=False,
                                        return_tensors="pt")["pixel_values"]
         dtype = next(self.visual.parameters()).dtype
@@ -363,14 +357,12 @@ class AnyResTiles(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = layer if isinstance(layer, list) else [layer]
         self.strategy = cfg.vision_feature_select_strategy
-        self.register_buffer("zero", torch.zeros(1, 3, 1, 1), persistent=False)
-        self.register_buffer("one", torch.ones(1, 3, 1, 1), persistent=False)
         self.out_dim = cfg.vision_config.hidden_size * len(self.layers)
         layers = "_".join(map(str, self.layers))
         self.id = f"hf-{name.replace('/', '--')}-anyres-L{layers}-{self.strategy}-{image_size}px"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = tower_pixels(x, self.image_size, self.zero, self.one)  # resized only: the processor tiles and normalises
+        x = tower_resize(x, self.image_size)  # the processor tiles and normalises
         tiles = self.image_processor(images=list(x.float()), do_rescale=False, return_tensors="pt")["pixel_values"]
         b, n = tiles.shape[:2]
         hidden = self.tower(tiles.flatten(0, 1).to(x.device, next(self.tower.parameters()).dtype),
@@ -401,8 +393,6 @@ class AnyResProjection(nn.Module):
 
 
 def _llava_next_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
-    from harness.nn.vlm.stacks import processor_chat
-
     if processor is None:
         raise HarnessError(f"{name}: a LLaVA-NeXT model needs its processor (its tiling, chat template, image token)")
     tokenizer = _tokenizer(processor, tokenizer)

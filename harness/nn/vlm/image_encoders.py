@@ -75,11 +75,18 @@ class HFVisionTokens(nn.Module):
         return h[:, 1:] if self.strategy == "default" else h
 
 
-def tower_pixels(x: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
-    """Images in [0, 1] as a pretrained vision tower reads them: three channels (a grey doodle
-    repeated), bicubic-resized to its resolution, normalised by its processor's statistics."""
+def tower_resize(x: Tensor, image_size: int) -> Tensor:
+    """Images in [0, 1] at a vision tower's resolution: three channels (a grey doodle repeated),
+    bicubic-resized, still in [0, 1] (for image processors that normalise themselves)."""
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return x
+
+
+def tower_pixels(x: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """Images in [0, 1] as a pretrained vision tower reads them: tower_resize, then normalised by
+    its processor's statistics."""
+    x = tower_resize(x, image_size)
     return (x - mean.to(x.dtype)) / std.to(x.dtype)

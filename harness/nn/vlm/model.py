@@ -50,6 +50,17 @@ class ProcessorChat(ChatFormat):
         return ids[:cut], ids[cut + 1:]
 
 
+def processor_chat(processor, end: str | None = None, kind: type = ProcessorChat) -> ProcessorChat:
+    """A `kind` of ProcessorChat for `processor`, its answers ended by `end` (default: its
+    tokenizer's EOS)."""
+    # "...ASSISTANT:" (llava-1.5, Idefics3) wants a space before the answer; a template whose
+    # turn ends with a newline does not.
+    lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    return kind("", end or processor.tokenizer.eos_token, " " if lead.rstrip(" ").endswith(":") else "",
+                processor=processor)
+
+
 CHATML = ChatFormat("<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
 LLAVA = ChatFormat("USER: {content} ASSISTANT:", "</s>", answer_lead=" ")
 
@@ -157,7 +168,7 @@ class VisionLanguageModel(nn.Module):
     def _pick_attention(self) -> None:
         """The LM decoder's attention for where it now runs (harness.nn.vlm.attention: bf16 on a CPU
         computes GMM's short attentions in float32 products, SDPA's flash kernel being slow there)."""
-        if getattr(self, "_attn_default", None) is None:  # (not set yet while __init__ runs)
+        if self._attn_default is None:  # an LM without transformers' attention interface
             return
         decoder = self.lm.get_decoder()
         want = lm_attention(next(self.proj.parameters()).device, self.lm_dtype, self._attn_default) \

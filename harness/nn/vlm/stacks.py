@@ -10,7 +10,7 @@ from torch import nn
 from harness.registry import VLM_STACKS
 from harness.nn.vlm.image_encoders import EfficientNetTokens, HFVisionTokens, TinyConvEncoder
 from harness.nn.vlm.language_models import _tiny_llama, smollm2_path
-from harness.nn.vlm.model import CHATML, ChatFormat, LLAVA, ProcessorChat, VisionLanguageModel
+from harness.nn.vlm.model import CHATML, ChatFormat, LLAVA, VisionLanguageModel, processor_chat
 from harness.nn.vlm.text_encoders import NgramTextEncoder, minilm_text_encoder
 from harness.nn.vlm.tokenizers import ByteTokenizer, HFTokenizer
 
@@ -58,16 +58,6 @@ def _hf_by_name(in_channels: int, visual_tokens: int, image_size: int, hf_name: 
     from harness.nn.vlm.hf_stacks import hf_vlm_stack
 
     return hf_vlm_stack(hf_name)
-
-
-def processor_chat(processor) -> ProcessorChat:
-    """The prompt of a LLaVA-style processor's chat template, ended by its tokenizer's EOS."""
-    # "...ASSISTANT:" (llava-1.5) wants a space before the answer; a template whose turn
-    # ends with a newline does not.
-    lead = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
-                                         add_generation_prompt=True, tokenize=False)
-    return ProcessorChat("", processor.tokenizer.eos_token, " " if lead.rstrip(" ").endswith(":") else "",
-                         processor=processor)
 
 
 @register_stack("hf_llava")
