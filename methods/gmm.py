@@ -79,7 +79,8 @@ class GMM(ExemplarReplay):
         "align_epochs": Param(1, "alignment: epochs over the alignment images", low=1),
         "align_lr": Param(1e-3, "alignment: peak AdamW lr (100-step warm-up, cosine to lr/100)", low=0.0),
         "hf_name": Param("llava-hf/llava-1.5-7b-hf", "transformers VLM for model=hf (hub name or local folder: "
-                         "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Idefics3/SmolVLM, PaliGemma, Qwen2-VL) or model=hf_llava"),
+                         "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Idefics3/SmolVLM, PaliGemma, Qwen2-VL, "
+                         "Qwen2.5-VL) or model=hf_llava"),
         "text_encoder": Param("stack", "f_text: the stack's own (all-MiniLM-L6-v2 for offline, hf and hf_llava, n-grams "
                               "for tiny), minilm, ngram, or a CLIP checkpoint (its text tower; the paper's is "
                               "openai/clip-vit-base-patch16) or sentence-transformers model, by hub name or folder"),

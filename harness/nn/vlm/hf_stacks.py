@@ -11,8 +11,10 @@ family maps onto that shape with its own pretrained parts:
   idefics3, smolvlm   SigLIP -> pixel shuffle -> the connector's modality_projection -> the LM
   paligemma           SigLIP -> multi_modal_projector -> Gemma, a prefix LM: image and prompt
                       attend both ways, the answer causally (VisionLanguageModel.prefix_lm)
-  qwen2_vl            the ViT's patch states -> the merger (2x2 patches -> one token) -> Qwen2,
-                      with the model's own M-RoPE positions (VisionLanguageModel.positions)
+  qwen2_vl,           the ViT's patch states -> the merger (2x2 patches -> one token) -> Qwen2,
+  qwen2_5_vl          with the model's own M-RoPE positions (VisionLanguageModel.positions);
+                      Qwen2.5-VL's ViT leaves its states in attention-window order, put back in
+                      the image's order before the merger (which maps each 2x2 group alone)
   llava_next          the processor's any-resolution tiles (a base view and the tiles of the
                       best grid) -> CLIP's chosen layer -> multi_modal_projector -> the model's
                       own packing (tiles unpadded, its learned newline after each row) -> the LM
@@ -36,11 +38,10 @@ from harness.nn.vlm.text_encoders import minilm_text_encoder
 from harness.nn.vlm.tokenizers import HFTokenizer
 
 UNSUPPORTED = {
-    "qwen2_5_vl": "its vision tower reorders patches into attention windows and restores the image's order "
-                  "only after the merger (Qwen2-VL, qwen2_vl, is held)",
     "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
 }
-FAMILIES = ("llava", "llava_next", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "blip-2", "instructblip", "idefics3", "smolvlm", "paligemma", "qwen2_vl",
+            "qwen2_5_vl")
 
 
 def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Callable | None = None,
@@ -67,7 +68,8 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
         return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
                               processor=processor)
     build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack,
-             "qwen2_vl": _qwen2_vl_stack, "llava_next": _llava_next_stack}.get(kind, _idefics3_stack)
+             "qwen2_vl": _qwen2_vl_stack, "qwen2_5_vl": _qwen2_vl_stack,
+             "llava_next": _llava_next_stack}.get(kind, _idefics3_stack)
     vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
     vlm.proj.requires_grad_(True)
     return vlm
@@ -266,10 +268,24 @@ def _paligemma_stack(model, processor, tokenizer, text_encoder, image_size, name
     return vlm
 
 
-# ---- Qwen2-VL ------------------------------------------------------------------------------
+# ---- Qwen2-VL and Qwen2.5-VL ---------------------------------------------------------------
+def _window_index(visual: nn.Module, grid: Tensor) -> Tensor:
+    """Qwen2.5-VL's order of 2x2 patch groups in its attention windows (the ViT's own function)."""
+    cfg = visual.config
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # transformers releases that keep it a method of the ViT
+        return visual.get_window_index(grid)[0]
+    return get_vision_window_index(grid, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size,
+                                   patch_size=cfg.patch_size)[0]
+
+
 class QwenPatchTokens(nn.Module):
-    """Qwen2-VL's frozen vision path: the image processor's patches (2 frames of 14x14, in the
-    merger's 2x2 order) through the ViT, its states before the merger: (B, h*w, D)."""
+    """Qwen2-VL's / Qwen2.5-VL's frozen vision path: the image processor's patches (2 frames of
+    14x14, in the merger's 2x2 order) through the ViT, its states before the merger: (B, h*w, D).
+    Qwen2.5-VL's ViT returns them in its attention windows' order; they are put back in the
+    image's order here, so the merger (the trained part, one 2x2 group at a time) sees what the
+    model's own forward gives it and its tokens come out in the order the LM reads them."""
 
     def __init__(self, visual: nn.Module, image_processor, image_size: int, name: str):
         super().__init__()
@@ -278,7 +294,9 @@ class QwenPatchTokens(nn.Module):
         if image_size % step:
             raise HarnessError(f"Qwen2-VL needs an image size that is a multiple of {step}, not {image_size}")
         self.image_size = image_size
-        self.out_dim = visual.config.embed_dim
+        self.windowed = hasattr(visual.config, "window_size")  # Qwen2.5-VL
+        # Qwen2-VL's vision config names the ViT's width embed_dim (hidden_size is the LM's); Qwen2.5-VL's hidden_size
+        self.out_dim = visual.config.embed_dim if hasattr(visual.config, "embed_dim") else visual.config.hidden_size
         self.id = f"hf-{name.replace('/', '--')}-vit-{image_size}px"
 
     def grid(self, batch: int) -> Tensor:
@@ -290,12 +308,17 @@ class QwenPatchTokens(nn.Module):
         patches = self.image_processor(images=list(x.float()), do_resize=False, do_rescale=False,
                                        return_tensors="pt")["pixel_values"]
         dtype = next(self.visual.parameters()).dtype
-        states = self.visual(patches.to(x.device, dtype), grid_thw=self.grid(len(x)).to(x.device)).last_hidden_state
-        return states.view(len(x), -1, states.shape[-1])
+        grid = self.grid(len(x)).to(x.device)
+        states = self.visual(patches.to(x.device, dtype), grid_thw=grid).last_hidden_state
+        if self.windowed:
+            unit = self.visual.config.spatial_merge_size ** 2
+            groups = states.view(-1, unit, states.shape[-1])
+            states = groups[torch.argsort(_window_index(self.visual, grid).to(x.device))]
+        return states.reshape(len(x), -1, states.shape[-1])
 
 
 class BatchedMerger(nn.Module):
-    """Qwen2-VL's merger (the trained projection) over a batch: (B, N, D) -> (B, N / 4, H)."""
+    """Qwen2-VL's / Qwen2.5-VL's merger (the trained projection) over a batch: (B, N, D) -> (B, N / 4, H)."""
 
     def __init__(self, merger: nn.Module, merge: int):
         super().__init__()
@@ -311,14 +334,15 @@ class BatchedMerger(nn.Module):
 
 def _qwen2_vl_stack(model, processor, tokenizer, text_encoder, image_size, name) -> VisionLanguageModel:
     if processor is None:
-        raise HarnessError(f"{name}: a Qwen2-VL model needs its processor (patches, chat template, image token)")
+        raise HarnessError(f"{name}: a Qwen2-VL / Qwen2.5-VL model needs its processor (patches, chat template, "
+                           "image token)")
     tokenizer = _tokenizer(processor, tokenizer)
     cfg, visual = model.config, model.model.visual
     side = image_size or 448  # 16x16 merged tokens; the processor's own size depends on each image
     encoder = QwenPatchTokens(visual, processor.image_processor, side, name)
     chat = ProcessorChat("", processor.tokenizer.eos_token, "", processor=processor)
     vlm = VisionLanguageModel(encoder, BatchedMerger(visual.merger, visual.config.spatial_merge_size).float(), model,
-                              tokenizer, text_encoder, chat, "qwen2_vl")
+                              tokenizer, text_encoder, chat, cfg.model_type)
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     grid = encoder.grid(1)
     n_image = int(grid.prod()) // visual.config.spatial_merge_size ** 2
