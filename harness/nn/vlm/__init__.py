@@ -20,7 +20,7 @@ plus a text encoder f_text that maps generated answers and class names to vector
               n-gram f_text: for tests, no files at all.
     hf        a transformers VLM by hub name or local folder (hf_stacks): LLaVA, BLIP-2 and
               InstructBLIP (MiniGPT-4's ViT + Q-Former -> linear -> LM shape), Idefics3/SmolVLM,
-              PaliGemma (a prefix LM), Qwen2-VL (M-RoPE), LLaVA-NeXT (any-resolution tiles);
+              PaliGemma (a prefix LM), Qwen2-VL and Qwen2.5-VL (M-RoPE), LLaVA-NeXT (any-resolution tiles);
               each family's own vision path frozen, its own projection trained.
     hf_llava  a transformers LLaVA model by name (network/GPU users): its vision tower is
               the encoder, its multimodal projector the trained projection.

@@ -292,7 +292,7 @@ class QwenPatchTokens(nn.Module):
         self.visual, self.image_processor = visual, image_processor
         step = visual.config.patch_size * visual.config.spatial_merge_size
         if image_size % step:
-            raise HarnessError(f"Qwen2-VL needs an image size that is a multiple of {step}, not {image_size}")
+            raise HarnessError(f"Qwen2-VL and Qwen2.5-VL need an image size that is a multiple of {step}, not {image_size}")
         self.image_size = image_size
         self.windowed = hasattr(visual.config, "window_size")  # Qwen2.5-VL
         # Qwen2-VL's vision config names the ViT's width embed_dim (hidden_size is the LM's); Qwen2.5-VL's hidden_size
