@@ -22,7 +22,7 @@ answers have the same length; each uses its own default evaluation batch.
 
     python benchmarks/gmm_speed.py [--device cpu|cuda] [--random-weights] [--steps 40]
         [--batch 16 [256 ...]] [--eval-batch 256 [32768 ...]] [--compile] [--question before_image]
-        [--precision fp32 bf16] [--attention auto sdpa]
+        [--precision fp32 bf16] [--attention auto sdpa] [--decode dynamic static graphs]
 
 On a GPU the batch sizes decide the figures (a step's fixed cost bounds small batches):
 results/reference/h200/README.md has the commands and output of one H200.
@@ -126,6 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=("auto", "sdpa"),
                     help="the LM's attention: auto (GMM's: float32 products for bf16 on a CPU, else SDPA) or sdpa "
                     "everywhere; several are timed one after the other")
+    ap.add_argument("--decode", nargs="+", default=["dynamic"], choices=("dynamic", "static", "graphs"),
+                    help="as gmm.decode; each is timed at every --eval-batch (graphs: the first call of each batch "
+                    "size, untimed, compiles and captures)")
     ap.add_argument("--question", default="after_image", choices=("after_image", "before_image"), help="as gmm.question")
     ap.add_argument("--visual-tokens", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=112, help="GMM's QuickDraw setting")
@@ -265,8 +268,10 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
     class_emb = vlm.text_encoder(data.class_names)
 
     @torch.no_grad()
-    def evaluate(model, batch: int) -> tuple[float, list[str]]:
+    def evaluate(model, batch: int, decode: str = "dynamic") -> tuple[float, list[str]]:
         model.eval()
+        if hasattr(model, "set_decode"):
+            model.set_decode(decode)
         with amp:
             model.generate(test_feats[:batch], args.max_new_tokens)  # warm-up at the timed shapes
             sync(dev)
@@ -278,8 +283,8 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
             sync(dev)
         rate = len(test_feats) / (time.perf_counter() - t)
         acc = (scores.argmax(1).cpu() == yt).float().mean().item() * 100
-        print(f"eval        {rate:9.1f} images/s  [{model.stack_name}] batch {batch}, max {args.max_new_tokens} new "
-              f"tokens, stop at sentence end; e.g. {texts[0]!r}; accuracy {acc:.0f}% after {args.steps + 1} steps",
+        print(f"eval        {rate:9.1f} images/s  [{model.stack_name}] batch {batch}, decode {decode}, max "
+              f"{args.max_new_tokens} new tokens, stop at sentence end; e.g. {texts[0]!r}; accuracy {acc:.0f}% after {args.steps + 1} steps",
               flush=True)
         return rate, texts
 
@@ -308,8 +313,16 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
         return rate
 
     for b in args.eval_batch:
-        rates["eval"][b], texts = evaluate(vlm, b)
+        for decode in args.decode:
+            rate, texts = evaluate(vlm, b, decode)
+            rates["eval"][(b, decode)] = rate
+            if decode == args.decode[0]:
+                answers_first = texts
+            elif texts != answers_first:
+                print(f"  decode {decode} wrote other answers than {args.decode[0]}: "
+                      f"{sum(a != c for a, c in zip(texts, answers_first))} of {len(texts)} rows differ")
         rates["bare"][b] = bare_loop(b, texts)
+        vlm.set_decode("dynamic")
     if old is not None:
         old.proj.load_state_dict(vlm.proj.state_dict())  # same answers, same lengths
         for b in args.landed_eval_batch:
@@ -326,12 +339,13 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
               f"eval / reference: {max(rates['eval'].values()) / ref:.0f}x")
 
     print(f"\nmachine: fp32 GEMM of the LM's shape {gemm_start:.0f} GFLOPS before, {gemm_gflops(dev):.0f} after")
-    tb, eb = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
+    tb, (eb, ed) = max(rates["train"], key=rates["train"].get), max(rates["eval"], key=rates["eval"].get)
+    best_eval = rates["eval"][(eb, ed)]
     summary = (f"summary ({dev}, LM in {precision}, attention {attention}): train {rates['train'][tb]:.1f} "
-               f"samples/s (batch {tb}), eval "
-               f"{rates['eval'][eb]:.1f} images/s (batch {eb}); fp32 GEMM {gemm_start:.0f} GFLOPS")
-    print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {rates['eval'][eb]:.1f} "
-          f"images/s (batch {eb}: {rates['eval'][eb] / rates['bare'][eb]:.2f} of the bare decode loop's "
+               f"samples/s (batch {tb}), eval {best_eval:.1f} images/s (batch {eb}, decode {ed}); fp32 GEMM "
+               f"{gemm_start:.0f} GFLOPS")
+    print(f"summary ({dev}): train {rates['train'][tb]:.1f} samples/s (batch {tb}), eval {best_eval:.1f} "
+          f"images/s (batch {eb}, decode {ed}: {best_eval / rates['bare'][eb]:.2f} of the bare decode loop's "
           f"{rates['bare'][eb]:.1f})")
     if old is not None and rates["train_landed"] and rates["eval_landed"]:
         ltb = max(rates["train_landed"], key=rates["train_landed"].get)
@@ -339,7 +353,7 @@ def measure(args, precision: str, baseline: str, attention: str = "auto") -> str
         print(f"landed code ({baseline}): train {rates['train_landed'][ltb]:.1f} samples/s (batch {ltb}), eval "
               f"{rates['eval_landed'][leb]:.1f} images/s (batch {leb}) -> speed-up "
               f"x{rates['train'][tb] / rates['train_landed'][ltb]:.2f} train, "
-              f"x{rates['eval'][eb] / rates['eval_landed'][leb]:.2f} eval (each code at its best batch above)")
+              f"x{best_eval / rates['eval_landed'][leb]:.2f} eval (each code at its best batch above)")
 
     return summary
 

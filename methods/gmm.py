@@ -99,6 +99,10 @@ class GMM(ExemplarReplay):
         "compile": Param(False, "torch.compile the frozen LM's MLPs and norms (fused elementwise work): on an H200 "
                          "1.4x training samples/s at batch 4,096 and 1.3x evaluation at 32,768, slower at batch 16; "
                          "no gain on a CPU; the first steps pay the compilation", affects_results=False),
+        "decode": Param("dynamic", "greedy decoding: dynamic (finished rows leave the batch, the KV cache grows a "
+                        "step at a time), static (one fixed-size KV cache for every row until all have finished) or "
+                        "graphs (static, the one-token step through torch.compile: replayed as a CUDA graph on a "
+                        "GPU); the same answers", choices=("dynamic", "static", "graphs"), affects_results=False),
         "question": Param("after_image", "where the question stands: after the image (MiniGPT-4's order) or before it "
                           "(a longer constant prompt prefix, computed once: ~1.3x faster on CPU)",
                           choices=("after_image", "before_image")),
@@ -150,6 +154,7 @@ class GMM(ExemplarReplay):
             vlm.add_lora(hp["lora_r"])
         if hp["compile"]:
             vlm.compile_pointwise()
+        vlm.set_decode(hp["decode"])
         if hp["text_encoder"] != "stack":
             vlm.text_encoder = text_encoder_by_name(hp["text_encoder"])
         vlm.set_question(f"What is this {p.noun} of?", before_image=hp["question"] == "before_image")

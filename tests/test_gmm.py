@@ -271,6 +271,54 @@ def test_rows_that_finish_leave_the_batch_without_changing_any_answer():
     assert calls[0] == 16 and min(calls) < 16  # later steps ran on fewer rows
 
 
+NEEDS_COMPILER = pytest.mark.skipif(not (os.environ.get("CXX") or __import__("shutil").which("g++")),
+                                    reason="torch.compile on the CPU needs a C++ compiler (.ci/run installs g++)")
+
+
+@pytest.mark.parametrize("kind", ["static", pytest.param("graphs", marks=NEEDS_COMPILER)])
+@pytest.mark.parametrize("lora", [False, True], ids=["prefix_reused", "prefix_recomputed"])
+def test_static_decoding_writes_the_answers_of_dynamic_decoding(kind, lora):
+    """gmm.decode=static|graphs: one fixed-size cache (the constant prefix copied into every row,
+    or recomputed where LoRA trains the LM), every row until all have stopped, the step compiled
+    for graphs: the same answers as dropping finished rows, call after call and batch after batch."""
+    torch.manual_seed(1)
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    if lora:
+        vlm.add_lora(4)
+    vlm.eval()  # no LoRA dropout
+    vlm.set_question("What is this drawing of?")
+    feats = vlm.encoder(torch.rand(16, 1, 28, 28))
+    vlm.stop_ids = torch.tensor([24])  # a byte this random model writes early in some rows, late or never in others
+    dynamic = vlm.generate(feats, max_new_tokens=10)
+    assert len({len(t) for t in dynamic}) > 2  # rows stop at different steps
+    assert vlm.set_decode(kind) == kind
+    calls = []
+    hook = vlm.lm.register_forward_hook(lambda m, a, kw, out: calls.append(kw.get("input_ids")), with_kwargs=True)
+    first = vlm.generate(feats, max_new_tokens=10)
+    hook.remove()
+    assert first == dynamic
+    if kind == "static":  # every step ran on all 16 rows: fixed shapes
+        assert len(calls) == 10 and all(ids is None or len(ids) == 16 for ids in calls)
+    (cache,) = vlm._fixed_caches.values()
+    assert vlm.generate(feats, max_new_tokens=10) == dynamic  # the same cache, emptied between calls
+    assert list(vlm._fixed_caches.values()) == [cache]
+    assert vlm.generate(feats[:5], max_new_tokens=10) == dynamic[:5]  # another batch: another cache
+    assert vlm.generate(feats[:7], max_new_tokens=10) == dynamic[:7]
+    # graphs pads 5 and 7 rows to 8 (one cache, one compiled shape) and keeps the 16 rows' cache
+    assert sorted(key[0] for key in vlm._fixed_caches) == ([8, 16] if kind == "graphs" else [7])
+    assert vlm.generate(feats, max_new_tokens=10, early_stop=False) == dynamic
+
+
+def test_stacks_whose_step_needs_more_than_the_cache_keep_dynamic_decoding():
+    from harness.errors import HarnessError
+
+    vlm = build_stack("tiny", in_channels=1, visual_tokens=4)
+    vlm.prefix_lm = True  # as PaliGemma's stack: token types at every step
+    assert vlm.set_decode("graphs") == "dynamic"
+    with pytest.raises(HarnessError, match="dynamic, static or graphs"):
+        vlm.set_decode("fast")
+
+
 def test_a_trained_language_model_recomputes_its_prefix():
     vlm = build_stack("tiny", in_channels=1, visual_tokens=1)
     assert vlm._prefix_cache(2, torch.device("cpu")) is not None

@@ -87,7 +87,14 @@ def _trains_projection_only(vlm):
     loss = vlm.loss(feats, vlm.answer_ids(["This is a drawing of a cat."] * 2))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in vlm.proj.parameters())
-    assert len(vlm.generate(feats, max_new_tokens=3)) == 2
+    answers = vlm.generate(feats, max_new_tokens=3)
+    assert len(answers) == 2
+    # gmm.decode=static: the family's LM over one fixed-size cache writes the same answers (a prefix
+    # LM's token types and M-RoPE positions keep dynamic decoding)
+    keeps_dynamic = vlm.prefix_lm or vlm.positions is not None
+    assert vlm.set_decode("static") == ("dynamic" if keeps_dynamic else "static")
+    assert vlm.generate(feats, max_new_tokens=3) == answers
+    vlm.set_decode("dynamic")
 
 
 def test_blip2_stack_is_the_models_own_query_features_and_prompt(tokenizer):

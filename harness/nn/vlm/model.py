@@ -96,6 +96,9 @@ class VisionLanguageModel(nn.Module):
         # of [prompt with image][tail], as the model computes them from its image grid.
         self.positions: Callable[[int, int], Tensor] | None = None
         self._prefix_kv: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self.decode = "dynamic"  # set_decode
+        self._fixed_caches: dict[tuple, Any] = {}  # shape -> StaticCache of static decoding
+        self._compiled_steps: dict[str, Callable] = {}  # device type -> compiled decode step
         self._attn_default = getattr(self.lm.get_decoder().config, "_attn_implementation", None)
         self.set_question("What is this photo of?")
 
@@ -105,6 +108,7 @@ class VisionLanguageModel(nn.Module):
         # .to(), .cuda() and .cpu() all end here.
         super()._apply(fn, recurse)
         self._prefix_kv.clear()  # computed on the old device or dtype
+        self._fixed_caches.clear()
         self._pick_attention()
         move = getattr(self.text_encoder, "to", None)
         if callable(move):
@@ -163,6 +167,7 @@ class VisionLanguageModel(nn.Module):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         self._prefix_kv.clear()
+        self._fixed_caches.clear()
         self._pick_attention()
 
     def _pick_attention(self) -> None:
@@ -243,9 +248,10 @@ class VisionLanguageModel(nn.Module):
         *before, after = (self._embed(p.to(dev)).unsqueeze(0).expand(b, -1, -1) for p in ids)
         return torch.cat([*before, vis.to(after.dtype), after], dim=1)
 
-    def _prefix_cache(self, batch: int, device: torch.device):
-        """A KV cache already holding the prompt before the image, for `batch` rows; None when
-        it cannot be reused (the LM trains, e.g. LoRA, or there is no such prompt)."""
+    def _prefix_states(self, device: torch.device) -> list[tuple[Tensor, Tensor]] | None:
+        """Each layer's keys and values (one row) of the prompt before the image, computed once per
+        device and dtype; None when they cannot be reused (the LM trains, e.g. LoRA, or there is no
+        such prompt)."""
         ids = self.prompt_ids[0]
         if not self.reuse_prefix or len(ids) == 0 or self._lm_trains() or self.prefix_lm or self.positions:
             return None
@@ -255,11 +261,18 @@ class VisionLanguageModel(nn.Module):
             with torch.no_grad():
                 out = self.lm(inputs_embeds=self._embed(ids.to(device)).unsqueeze(0), use_cache=True, logits_to_keep=1)
             self._prefix_kv[key] = [(layer.keys, layer.values) for layer in _returned_cache(out).layers]
+        return self._prefix_kv[key]
+
+    def _prefix_cache(self, batch: int, device: torch.device):
+        """A KV cache already holding the prompt before the image, for `batch` rows; None when
+        it cannot be reused (see _prefix_states)."""
+        states = self._prefix_states(device)
+        if states is None:
+            return None
         from transformers import DynamicCache
 
         # expand() shares the one computed row; the cache's first update concatenates new rows onto it
-        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                             for k, v in self._prefix_kv[key]])
+        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in states])
 
     def _forward_prompt(self, feats: Tensor, tail: Tensor | None = None, decoder_only: bool = False, **kwargs):
         """The LM (or only its decoder, for hidden states) over [prompt with image][tail], the
@@ -300,10 +313,33 @@ class VisionLanguageModel(nn.Module):
         return F.cross_entropy(logits.float(), answers[real])
 
     # ---- prediction: batched greedy decoding with the KV cache -----------------------
+    def set_decode(self, kind: str) -> str:
+        """How generate() decodes; returns the kind it will use.
+
+        dynamic  rows leave the batch as they finish; the KV cache grows a step at a time
+        static   one KV cache of fixed size (prompt + max_new_tokens) for every row until all have
+                 finished: the fixed shapes and addresses that CUDA graphs need
+        graphs   static, its one-token step through torch.compile (mode reduce-overhead: captured
+                 once and replayed as a CUDA graph on a GPU; fused by inductor on a CPU)
+
+        Stacks whose decode step needs more than the cache (a prefix LM's token types,
+        Qwen2-VL's M-RoPE positions) keep dynamic."""
+        if kind not in ("dynamic", "static", "graphs"):
+            raise HarnessError(f"decode must be dynamic, static or graphs, not {kind!r}")
+        self.decode = "dynamic" if self.prefix_lm or self.positions is not None else kind
+        self._fixed_caches.clear()
+        return self.decode
+
     @torch.no_grad()
     def generate(self, feats: Tensor, max_new_tokens: int = 16, early_stop: bool = True) -> list[str]:
-        """Greedy answers. With early_stop, a row that writes a stop token (sentence end or end
-        of turn) leaves the batch and its cache rows are dropped, so the rest decode cheaper."""
+        """Greedy answers, each cut at its first stop token (sentence end or end of turn). With
+        early_stop, generation ends once every row has stopped; dynamic decoding also drops
+        finished rows (and their cache rows) at once, so the rest decode cheaper."""
+        static = getattr(self, "decode", "dynamic") != "dynamic"
+        tokens = (self._decode_static if static else self._decode_dynamic)(feats, max_new_tokens, early_stop)
+        return self._texts(tokens)
+
+    def _decode_dynamic(self, feats: Tensor, max_new_tokens: int, early_stop: bool) -> Tensor:
         out = self._forward_prompt(feats, use_cache=True, logits_to_keep=1)
         dev = out.logits.device
         stop = self.stop_ids.to(dev)
@@ -329,6 +365,79 @@ class VisionLanguageModel(nn.Module):
                 extra["position_ids"] = self.positions(prompt_len, prompt_len + step + 1)[..., -1:].to(dev).expand(
                     -1, len(tok), -1)
             out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}, **extra)
+        return tokens
+
+    def _decode_static(self, feats: Tensor, max_new_tokens: int, early_stop: bool) -> Tensor:
+        n = len(feats)
+        if self.decode == "graphs" and n:
+            # A compiled step is specialised to its cache's tensors: rows padded to a power of two
+            # (copies of the first, which stop with it) let a run's growing test sets share a few
+            # caches and graphs instead of compiling once per size.
+            feats = torch.cat([feats, feats[:1].expand((1 << (n - 1).bit_length()) - n, *feats.shape[1:])])
+        dev, b = next(self.proj.parameters()).device, len(feats)
+        prefix = self._prefix_states(dev)
+        emb = self.prompt_embeds(feats, with_prefix=prefix is None)
+        # The prompt as embedded (LLaVA-NeXT's packing decides its image's length), then the answer
+        length = (prefix[0][0].shape[-2] if prefix is not None else 0) + emb.shape[1] + max_new_tokens
+        cache = self._fixed_cache(b, length, dev)
+        if prefix is not None:  # the constant prompt's keys/values copied into every row
+            for layer, (k, v) in enumerate(prefix):
+                cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), layer)
+        # The prefill (its length differs by stack and question) stays eager; only the step repeats.
+        tok = self.lm(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
+        tok = tok.argmax(-1)
+        step = self._step_function(dev)
+        stop = self.stop_ids.to(dev)
+        tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            if i:
+                tok = step(tok.clone(), cache)  # a copy: a replayed graph overwrites its last output
+            tokens[:, i] = tok
+            done |= torch.isin(tok, stop)
+            if early_stop and bool(done.all()):
+                break
+        return tokens[:n]
+
+    def _fixed_cache(self, batch: int, length: int, device: torch.device):
+        """A StaticCache for `batch` rows of `length` positions, emptied for this call. graphs keeps
+        one per shape (a compiled step is specialised to its cache's tensors; the power-of-two
+        shapes together take at most twice the largest), static only the last."""
+        from transformers import StaticCache
+
+        key = (batch, length, str(device), self.lm_dtype)
+        if key not in self._fixed_caches:
+            if self.decode != "graphs":
+                self._fixed_caches.clear()
+            self._fixed_caches[key] = StaticCache(config=_base_lm(self.lm).config, max_cache_len=length)
+        cache = self._fixed_caches[key]
+        cache.reset()
+        return cache
+
+    def _step_function(self, device: torch.device) -> Callable[[Tensor, Any], Tensor]:
+        """One greedy step of the LM over a fixed cache: the next token of each row."""
+
+        def step(tok: Tensor, cache) -> Tensor:
+            out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            return out.logits[:, -1].argmax(-1)
+
+        if self.decode != "graphs":
+            return step
+        if device.type not in self._compiled_steps:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._compiled_steps[device.type] = torch.compile(step, mode=mode, dynamic=False)
+        compiled = self._compiled_steps[device.type]
+        if device.type != "cuda":
+            return compiled
+
+        def replay(tok: Tensor, cache) -> Tensor:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
+            return compiled(tok, cache)
+
+        return replay
+
+    def _texts(self, tokens: Tensor) -> list[str]:
+        """Each row's tokens up to its first stop (a sentence end kept, an end of turn not), as text."""
         stops, kept = set(self.stop_ids.tolist()), set(self.sentence_end_ids.tolist())
         decoded: dict[tuple[int, ...], str] = {}  # few distinct answers: each is decoded once
         texts = []
