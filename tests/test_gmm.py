@@ -602,6 +602,9 @@ def test_generation_batch_fits_its_kv_cache_in_a_quarter_of_free_memory():
     assert vlm.generation_batch(4 * 100 * row - 1, visual_tokens=4, max_new_tokens=16) == 99
     assert vlm.generation_batch(10**15, visual_tokens=4, max_new_tokens=16) == 32768
     assert vlm.generation_batch(0, visual_tokens=4, max_new_tokens=16) == 1
+    vlm.set_decode("graphs")  # batches padded to a power of two: the batch is one already
+    assert vlm.generation_batch(4 * 100 * row, visual_tokens=4, max_new_tokens=16) == 64
+    assert vlm.generation_batch(4 * 128 * row, visual_tokens=4, max_new_tokens=16) == 128
 
 
 @pytest.mark.parametrize("fp32,bf16,chosen", [(180.0, 800.0, "bf16"), (280.0, 160.0, "fp32"), (200.0, 230.0, "fp32")])

@@ -214,7 +214,10 @@ class VisionLanguageModel(nn.Module):
         images/s at 256 rows and 15.0k at 32,768 (benchmarks/gmm_speed.py, README); a 7B
         LLaVA's ~600 tokens per row get a few hundred rows."""
         tokens = sum(len(p) for p in self.prompt_ids) + visual_tokens + max_new_tokens
-        return int(max(1, min(most, free_bytes // 4 // (tokens * self.kv_bytes_per_token()))))
+        rows = int(max(1, min(most, free_bytes // 4 // (tokens * self.kv_bytes_per_token()))))
+        # graphs pads a batch to a power of two and keeps a cache per such size: a power of two
+        # here bounds them all (each smaller one at most half the next) by twice this batch's
+        return 1 << (rows.bit_length() - 1) if self.decode == "graphs" else rows
 
     def _lm_own_parameters(self):
         """The LM's parameters without the projection's (LLaVA's projector lives inside lm)."""
