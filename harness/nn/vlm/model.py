@@ -458,9 +458,10 @@ def _eager_numerics(mode: str = "default") -> dict[str, Any]:
     keeps a fused chain's bf16 intermediates in float32: on the tiny stack in bf16 that changed
     8 (compiled MLPs and norms) and 11 (compiled decode step) of 64 greedy answers; with eager
     rounding none."""
-    from torch._inductor import list_mode_options
+    from torch._inductor import config, list_mode_options
 
-    return {**list_mode_options(mode), "emulate_precision_casts": True}
+    exact = {"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {}  # torch >= 2.5
+    return {**list_mode_options(mode), **exact}
 
 
 def _cache_kwarg(forward) -> str:
