@@ -338,8 +338,8 @@ class VisionLanguageModel(nn.Module):
         """Greedy answers, each cut at its first stop token (sentence end or end of turn). With
         early_stop, generation ends once every row has stopped; dynamic decoding also drops
         finished rows (and their cache rows) at once, so the rest decode cheaper."""
-        static = getattr(self, "decode", "dynamic") != "dynamic"
-        tokens = (self._decode_static if static else self._decode_dynamic)(feats, max_new_tokens, early_stop)
+        decode = self._decode_dynamic if self.decode == "dynamic" else self._decode_static
+        tokens = decode(feats, max_new_tokens, early_stop)
         return self._texts(tokens)
 
     def _decode_dynamic(self, feats: Tensor, max_new_tokens: int, early_stop: bool) -> Tensor:
@@ -387,8 +387,8 @@ class VisionLanguageModel(nn.Module):
             for layer, (k, v) in enumerate(prefix):
                 cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), layer)
         # The prefill (its length differs by stack and question) stays eager; only the step repeats.
-        tok = self.lm(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
-        tok = tok.argmax(-1)
+        out = self.lm(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        tok = out.logits[:, -1].argmax(-1)
         step = self._step_function(dev)
         stop = self.stop_ids.to(dev)
         tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=dev)
@@ -417,18 +417,19 @@ class VisionLanguageModel(nn.Module):
         cache.reset()
         return cache
 
-    def _step_function(self, device: torch.device) -> Callable[[Tensor, Any], Tensor]:
+    def _greedy_step(self, tok: Tensor, cache) -> Tensor:
         """One greedy step of the LM over a fixed cache: the next token of each row."""
+        out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1].argmax(-1)
 
-        def step(tok: Tensor, cache) -> Tensor:
-            out = self.lm(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-            return out.logits[:, -1].argmax(-1)
-
+    def _step_function(self, device: torch.device) -> Callable[[Tensor, Any], Tensor]:
+        """_greedy_step as `decode` runs it: eager for static, compiled (once per device type) for graphs."""
         if self.decode != "graphs":
-            return step
+            return self._greedy_step
         if device.type not in self._compiled_steps:
             mode = "reduce-overhead" if device.type == "cuda" else "default"
-            self._compiled_steps[device.type] = torch.compile(step, dynamic=False, options=_eager_numerics(mode))
+            self._compiled_steps[device.type] = torch.compile(self._greedy_step, dynamic=False,
+                                                              options=_eager_numerics(mode))
         compiled = self._compiled_steps[device.type]
         if device.type != "cuda":
             return compiled
