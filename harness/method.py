@@ -13,6 +13,9 @@ so evaluation is the same for every method (harness.evaluation).
 """
 from __future__ import annotations
 
+import inspect
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -104,8 +107,54 @@ class Settings(dict):
         self.method = method
 
     def __missing__(self, key: str):
-        raise HarnessError(f"method '{self.method}' reads the setting '{key}' but does not declare it: add it to "
-                           f"its params (e.g. params = {{**TRAINING_PARAMS, ...}} for the shared training settings)")
+        where = _where_read(sys._getframe(1))
+        raise HarnessError(f"method '{self.method}' reads the setting '{key}' but does not declare it{where}: add it "
+                           f"to its params (e.g. params = {{**TRAINING_PARAMS, ...}} for the shared training settings)")
+
+
+_HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _shown_path(filename: str) -> str:
+    """A source file as the user would type it: relative to the working directory when under it."""
+    path = os.path.abspath(filename)
+    relative = os.path.relpath(path, os.getcwd())
+    return path if relative.startswith(os.pardir) else relative
+
+
+def _where_read(frame) -> str:
+    """' (read at methods/x.py:42)': the line that read a missing setting, so the message points
+    at the method's code rather than at this file, where the traceback ends."""
+    here = os.path.abspath(__file__)
+    method = None
+    # Skip this file's frames (the base class's own reads), noting the method instance they ran for.
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) == here:
+        method = _method_of(frame, method)
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    filename = os.path.abspath(frame.f_code.co_filename)
+    if method is None and not filename.startswith(_HARNESS_DIR + os.sep):
+        return f" (read at {_shown_path(filename)}:{frame.f_lineno})"
+    # The harness's shared code read it (e.g. CILMethod.build_model reads backbone): the place to
+    # act on is the method's class, whose params lack the setting.
+    method = _method_of(frame, method)
+    if method is None:
+        return f" (read at {_shown_path(filename)}:{frame.f_lineno})"
+    cls = type(method)
+    try:
+        source, line = inspect.getsourcefile(cls), inspect.getsourcelines(cls)[1]
+    except (OSError, TypeError):
+        return f" (read by the harness's shared code for {cls.__name__})"
+    return f" (read by the harness's shared code for {cls.__name__}, defined at {_shown_path(source)}:{line})"
+
+
+def _method_of(frame, found):
+    """The CILMethod a frame runs for (its `self`), unless one was found already."""
+    if found is not None:
+        return found
+    candidate = frame.f_locals.get("self")
+    return candidate if isinstance(candidate, CILMethod) else None
 
 
 class CILMethod(SupervisedTemplate):

@@ -7,10 +7,10 @@ method uses in its sentences). It holds no data: `harness.data` loads it.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from harness.nn.augment import AUGMENTATIONS
 from harness.errors import HarnessError
 from harness.registry import PROTOCOLS
 
@@ -58,6 +58,14 @@ class Protocol:
             )
         if self.class_order is not None and len(self.class_order) != self.num_classes:
             raise HarnessError(f"protocol {self.name}: class_order lists {len(self.class_order)} classes, expected {self.num_classes}")
+        if self.class_order is not None:
+            # A repeated class would otherwise pass here and only fail when its second task finds no data.
+            repeated = [c for c, n in Counter(self.class_order).items() if n > 1]
+            if repeated:
+                names = ", ".join(map(str, repeated))
+                raise HarnessError(f"protocol {self.name}: class_order repeats {names}; each class may appear once")
+        from harness.nn.augment import AUGMENTATIONS  # here: importing torch is for registration, not lookups
+
         if self.augment not in AUGMENTATIONS:
             raise HarnessError(f"protocol {self.name}: augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
         if self.shots is not None and self.shots < 1:

@@ -1,8 +1,8 @@
 """MkDocs hooks: pages generated from the code, so the documentation cannot drift from it.
 
 `<!-- harness:cli -->` becomes every command's usage and options (from harness.cli's parsers);
-`<!-- harness:settings NAME -->` becomes method NAME's settings table (from its `params`) and
-its per-protocol recipes; `<!-- harness:readme -->` the README (the home page).
+`<!-- harness:settings NAME -->` becomes method NAME's settings table (from its `params`), with the
+values each protocol family's recipe resolves them to; `<!-- harness:readme -->` the README (the home page).
 """
 from __future__ import annotations
 
@@ -50,20 +50,58 @@ def cli_reference() -> str:
     return "\n".join(out) + "\n"
 
 
+def _value(value) -> str:
+    """A setting's value as a table cell: code font, as `--set` takes it; an empty string said in words."""
+    if value == "":
+        return "(empty)"
+    return f"`{_cell('none' if value is None else value)}`"
+
+
+def _family_columns(cls) -> list[tuple[str, dict]]:
+    """[(column heading, resolved settings)]: one column per protocol family with its own values, for the
+    built-in families (the default protocol's first) and any other family the method has a recipe for;
+    families that resolve alike share a column, and the declared defaults head the column of the
+    families without a recipe."""
+    from harness.cli import DEFAULT_PROTOCOL
+    from harness.params import resolve_params
+    from harness.registry import PROTOCOLS
+
+    first = PROTOCOLS.get(DEFAULT_PROTOCOL).family
+    built_in = sorted({PROTOCOLS.get(n).family for n in PROTOCOLS.names()} - {""}, key=lambda f: (f != first, f))
+    recipes = getattr(cls, "protocol_defaults", {})
+    families = built_in + sorted(set(recipes) - set(built_in))
+    declared, _ = resolve_params(cls, None)  # no family: the declared defaults (and setting recipes)
+    columns: dict[str, tuple[list[str], dict]] = {}
+    for family in families:
+        values = resolve_params(cls, family)[0] if family in recipes else declared
+        columns.setdefault(repr(sorted(values.items())), ([], values))[0].append(family)
+    others = columns.setdefault(repr(sorted(declared.items())), ([], declared))[0]
+    others.append("other families" if others else "any other family")
+    if len(columns) == 1:  # no recipe: every protocol runs with the declared defaults
+        return [("every family", declared)]
+    return [(", ".join(names), values) for names, values in columns.values()]
+
+
 def settings_table(name: str) -> str:
+    """Method NAME's settings with the value each protocol family runs them at (its recipe over the
+    declared defaults), the allowed values and their meaning."""
     from harness.registry import METHODS, discover
 
     discover()
     cls = METHODS.get(name)
+    columns = _family_columns(cls)
     rows = ["`--set " + name + ".KEY=VALUE`; `python -m harness list " + name + " --protocol P` prints the values "
-            "a protocol resolves.\n", "| setting | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+            "a protocol resolves. Each column holds the values the protocols of those families run with (the "
+            "family's recipe over the declared defaults); a protocol of any other family runs with the declared "
+            "defaults.\n",
+            "| setting | type | " + " | ".join(_cell(h) for h, _ in columns) + " | allowed | meaning |",
+            "|---|---|" + "---|" * len(columns) + "---|---|"]
     for key, p in sorted(cls.params.items()):
         kind = p.type.__name__ if p.default is not None or p.kind else "str"
         allowed = ("one of " + ", ".join(map(str, p.choices)) if p.choices is not None
                    else " ".join(f"{op} {v}" for op, v in ((">=", p.low), ("<=", p.high)) if v is not None))
-        rows.append(f"| `{key}` | {kind} | `{_cell(p.default)}` | {_cell(allowed)} | {_cell(p.help)} |")
-    for family, recipe in sorted(getattr(cls, "protocol_defaults", {}).items()):
-        rows.append(f"\nOn {family} protocols: " + ", ".join(f"`{k}={v}`" for k, v in recipe.items()) + ".")
+        values = " | ".join(_value(v[key]) for _, v in columns)
+        rows.append(f"| `{key}` | {kind} | {values} | {_cell(allowed)} | {_cell(p.help)} |")
     for condition, recipe in sorted(getattr(cls, "setting_defaults", {}).items()):
         rows.append(f"\nWith `{condition}`: " + ", ".join(f"`{k}={v}`" for k, v in recipe.items()) + ".")
     return "\n".join(rows) + "\n"
