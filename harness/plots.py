@@ -5,7 +5,9 @@ Per protocol, each as PNG and PDF:
   forgetting_<protocol>               Chaudhry forgetting per task, mean ± std bars (T > 1 only)
   performance_drop_<protocol>         PD = A_1 - A_T per row, the few-shot CIL papers' figure (T > 1 only)
   accuracy_matrix_<protocol>_<label>  seed-mean a[t][i] heatmap
-Tasks are numbered from 1 in every figure. A label keeps its colour across figures.
+Tasks are numbered from 1 in every figure. A label keeps its colour across figures, and every
+figure names a row as the tables do (its experiment-file name where it has one). Legends sit below
+the axes (never over the data), and a figure is saved cropped to what it draws.
 """
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
 from harness.atomic import atomic_savefig  # noqa: E402
+from harness.presentation import BAND, ordered_labels, shown_name  # noqa: E402
 
 _DPI = 150
 _ANNOTATE_MAX_TASKS = 12
+# Cropped to the drawn artists (a legend outside the axes included) with a thin pad: no blank margins
+_TIGHT = {"bbox_inches": "tight", "pad_inches": 0.04}
 
 
 def _slugs(names) -> dict[str, str]:
@@ -45,7 +50,7 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     try:
         for p in paths:
-            atomic_savefig(fig, p, dpi=_DPI, bbox_inches="tight")  # a legend outside the axes stays in
+            atomic_savefig(fig, p, dpi=_DPI, **_TIGHT)
     finally:
         plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return paths
@@ -55,7 +60,7 @@ def png_bytes(fig, dpi: int = _DPI, close: bool = True) -> bytes:
     """The figure as PNG (a legend outside the axes included), then closed unless `close` is False."""
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=dpi, **_TIGHT)
     finally:
         if close:
             plt.close(fig)
@@ -66,40 +71,47 @@ def png_bytes(fig, dpi: int = _DPI, close: bool = True) -> bytes:
 # grey print still tells them apart); more rows repeat the cycle.
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 _DASHES = ("", (4, 2), (1, 1.5), (6, 1.5, 1, 1.5))
-BAND = "line: mean over seeds; band: ± one standard deviation over seeds (rows with two or more)"
+# Marker sizes from the first row drawn to the last: a later curve on top of an identical earlier
+# one leaves the earlier one's markers showing around its own (and its dashes, the line between)
+_MARKER_SIZES = (8.0, 4.0)
 
 
 @dataclass(frozen=True)
 class Style:
     colour: tuple
     marker: str
-    dashes: object
+    dashes: object  # "" (solid) or a dash pattern
+    name: str = ""  # the row's shown name (an experiment file's, else the label)
+    size: float = _MARKER_SIZES[0]  # marker size, smaller for rows drawn later
 
 
-def styles(labels) -> dict[str, Style]:
-    """A label's colour, marker and dash pattern, the same in every figure of one call."""
-    labels = list(labels)
+def styles(labels, names: dict | None = None) -> dict[str, Style]:
+    """A label's colour, marker, dash pattern, marker size and shown name (`names`: label -> name),
+    the same in every figure of one call."""
+    labels, names = list(labels), names or {}
     if len(labels) <= 10:
         colours = sns.color_palette("tab10", max(len(labels), 1))
     else:  # tab20's dark tones first, then its light ones: neighbours in the list differ most
         tab20 = sns.color_palette("tab20", 20)
         colours = tab20[0::2] + tab20[1::2]
-    # (colour, marker, dashes) is a different triple for every one of the first 40 labels
-    return {lab: Style(colours[i % len(colours)], _MARKERS[i % len(_MARKERS)], _DASHES[(i // 10) % len(_DASHES)])
+    big, small = _MARKER_SIZES
+    step = (big - small) / max(len(labels) - 1, 1)
+    # Neighbours differ in dashes too; i + i // 20 keeps (colour, marker, dashes) a different triple for
+    # every one of the first 40 labels (colours repeat after 20, markers after 10)
+    return {lab: Style(colours[i % len(colours)], _MARKERS[i % len(_MARKERS)],
+                       _DASHES[(i + i // 20) % len(_DASHES)], names.get(lab, lab), big - step * i)
             for i, lab in enumerate(labels)}
 
 
-def _legend(fig, ax, n: int) -> None:
-    """Few rows: inside the axes. Many: below the plot, in columns, so it never covers the data
-    nor squeezes the axes sideways."""
-    handles, names = ax.get_legend_handles_labels()
+def _legend(fig, ax, style: dict) -> None:
+    """Below the axes, in columns, the rows by their shown names: it never covers the data nor
+    squeezes the axes sideways."""
+    handles, labels = ax.get_legend_handles_labels()
     if ax.get_legend() is not None:
         ax.get_legend().remove()
     if not handles:
         return
-    if n <= 6:
-        ax.legend(handles, names, title=None)
-        return
+    names = [style[lab].name if lab in style else lab for lab in labels]
     fig.legend(handles, names, loc="outside lower center", ncols=_legend_columns(names), frameon=False,
                fontsize="small")
 
@@ -107,6 +119,36 @@ def _legend(fig, ax, n: int) -> None:
 def _legend_columns(names) -> int:
     longest = max(map(len, names))
     return 1 if longest > 60 else 2 if longest > 30 else 3
+
+
+def _legend_inches(names) -> float:
+    """The height the legend below the axes takes, so the axes keep theirs."""
+    rows = -(-len(names) // _legend_columns(names)) if names else 0
+    return 0.2 * rows + 0.15 * bool(rows)
+
+
+def _content_span(fig, renderer) -> tuple[float, float]:
+    """Left and right of what a figure draws beside its titles: every axes with its y tick labels and label."""
+    boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    boxes += [b for b in (ax.yaxis.get_tightbbox(renderer) for ax in fig.axes) if b is not None]
+    return min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+
+
+def _fit_texts(fig, ax, *texts) -> None:
+    """Re-wrap texts centred on `ax` (its title, its x label) that are wider than the rest of the figure:
+    constrained layout leaves their width out, so the tight crop would keep blank margins beside the data."""
+    fig.draw_without_rendering()  # lays the figure out, to measure
+    renderer = fig.canvas.get_renderer()
+    left, right = _content_span(fig, renderer)
+    box = ax.get_window_extent(renderer)
+    centre = (box.x0 + box.x1) / 2
+    width = 2 * min(centre - left, right - centre)
+    for text in texts:
+        lines = text.get_text().split("\n")
+        chars = max(map(len, lines))
+        while chars > 16 and text.get_window_extent(renderer).width > width:
+            chars = int(chars * 0.9)
+            text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
 def _ticks(ax, xs) -> None:
@@ -121,24 +163,34 @@ def _ticks(ax, xs) -> None:
 
 def _acc_vs_classes(g: pd.DataFrame, protocol: str, style: dict, field: str = "step_accuracy",
                     ylabel: str = "Accuracy on all seen classes (%)", left_out: list | None = None) -> plt.Figure:
-    tidy = pd.DataFrame(
-        [{"label": r.label, "seed": r.seed, "classes": c, "acc": a}
-         for r in g.itertuples() for c, a in zip(r.classes_seen, getattr(r, field))])
     labels = [lab for lab in style if lab in set(g.label)]
+    names = [style[lab].name for lab in labels]
+    left_out = [style[lab].name if lab in style else lab for lab in left_out or ()]
     note = BAND + ("\n" + textwrap.fill(f"not shown (no Task-IL record): {', '.join(left_out)}", 110)
                    if left_out else "")
-    rows = (-(-len(labels) // _legend_columns(labels)) if len(labels) > 6 else 0) + note.count("\n")
-    height = 4.2 + 0.2 * rows  # the axes keep their height; the legend and the note get their own
+    # the axes keep their height; the legend and the note get their own
+    height = 4.2 + _legend_inches(names) + 0.2 * note.count("\n")
     fig, ax = plt.subplots(figsize=(7.2, height), layout="constrained")
-    sns.lineplot(data=tidy, x="classes", y="acc", hue="label", hue_order=labels,
-                 style="label", style_order=labels, palette={k: style[k].colour for k in labels},
-                 markers={k: style[k].marker for k in labels}, dashes={k: style[k].dashes for k in labels},
-                 errorbar="sd", ax=ax)
-    _ticks(ax, sorted(tidy.classes.unique()))
+    for lab in labels:  # in order: later rows on top, with smaller markers
+        _curve(ax, g[g.label == lab], field, lab, style[lab])
+    _ticks(ax, sorted({c for v in g.classes_seen for c in v}))
     ax.set(xlabel="Number of classes seen", ylabel=ylabel)
     ax.set_title(f"{protocol}\n{note}", fontsize="small", loc="left")
-    _legend(fig, ax, len(labels))
+    _legend(fig, ax, style)
     return fig
+
+
+def _curve(ax, g: pd.DataFrame, field: str, label: str, st: Style) -> None:
+    """One row's accuracy against classes seen: the mean over its seeds, a ± sd band where it has two or more."""
+    points = pd.DataFrame([(c, a) for r in g.itertuples() for c, a in zip(r.classes_seen, getattr(r, field))],
+                          columns=["classes", "acc"])
+    acc = pd.to_numeric(points.acc, errors="coerce").groupby(points.classes)
+    mean, sd = acc.mean(), acc.std(ddof=1)
+    ax.plot(mean.index, mean.to_numpy(), color=st.colour, marker=st.marker, markersize=st.size,
+            markeredgecolor="white", markeredgewidth=0.6, linewidth=1.6,
+            linestyle=(0, st.dashes) if st.dashes else "-", label=label)
+    if sd.notna().any():
+        ax.fill_between(mean.index, mean - sd, mean + sd, color=st.colour, alpha=0.2, linewidth=0)
 
 
 def _label_inches(labels) -> float:
@@ -151,9 +203,11 @@ def _forgetting(g: pd.DataFrame, protocol: str, style: dict) -> plt.Figure:
         [{"label": r.label, "seed": r.seed, "task": i + 1, "f": f}
          for r in g.itertuples() for i, f in enumerate(r.per_task_forgetting)])
     labels = [lab for lab in style if lab in set(g.label)]
+    names = [style[lab].name for lab in labels]
     if len(labels) > 6:  # bars of many rows per task cannot be read: one heatmap row per label
         table = tidy.groupby(["label", "task"]).f.mean().unstack("task").reindex(labels)
-        width = 0.55 * table.shape[1] + 3 + _label_inches(labels)  # the axes keep their width beside long labels
+        table.index = names
+        width = 0.55 * table.shape[1] + 3 + _label_inches(names)  # the axes keep their width beside long names
         fig, ax = plt.subplots(figsize=(width, 0.35 * len(labels) + 1.6), layout="constrained")
         # numbers rounded first (+ 0.0 turns -0.0 into 0.0): a forgetting of -0.3 reads "0", not "-0"
         annot = (table.round() + 0.0) if table.shape[1] <= 12 else False
@@ -161,17 +215,19 @@ def _forgetting(g: pd.DataFrame, protocol: str, style: dict) -> plt.Figure:
                     cbar_kws={"label": "Forgetting (%)"}, ax=ax)
         ax.set(xlabel="Task", ylabel="", title=f"{protocol}: forgetting of each task after the last one "
                                                "(Chaudhry; mean over seeds)")
+        _fit_texts(fig, ax, ax.title)
         return fig
     palette = {k: style[k].colour for k in labels}
     T = int(tidy.task.max())
     width = min(max(6.4, 0.2 * T * len(labels) + 3), 14)  # room for every bar, within reason
-    fig, ax = plt.subplots(figsize=(width, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(width, 4.4 + _legend_inches(names)), layout="constrained")
     sns.barplot(data=tidy, x="task", y="f", hue="label", hue_order=labels, palette=palette,
                 errorbar="sd", capsize=0.15, err_kws={"linewidth": 1}, ax=ax)
     ax.set(xlabel="Task", ylabel="Forgetting after the last task (%)",
            title=f"{protocol}: forgetting per task (Chaudhry); bars: mean, whiskers: ± one sd over seeds")
     ax.axhline(0, color="black", linewidth=0.8)
-    _legend(fig, ax, len(labels))
+    _legend(fig, ax, style)  # below the axes: bars as tall as the axes stay uncovered
+    _fit_texts(fig, ax, ax.title)
     return fig
 
 
@@ -179,19 +235,23 @@ def _performance_drop(g: pd.DataFrame, protocol: str, style: dict) -> plt.Figure
     tidy = pd.DataFrame([{"label": r.label, "seed": r.seed, "pd": r.step_accuracy[0] - r.step_accuracy[-1]}
                          for r in g.itertuples()])
     labels = [lab for lab in style if lab in set(g.label)]
+    names = [style[lab].name for lab in labels]
     palette = {k: style[k].colour for k in labels}
-    fig, ax = plt.subplots(figsize=(5 + _label_inches(labels), max(2.5, 0.35 * len(labels) + 1.2)),
+    fig, ax = plt.subplots(figsize=(5 + _label_inches(names), max(2.5, 0.35 * len(labels) + 1.2)),
                            layout="constrained")
     sns.barplot(data=tidy, y="label", x="pd", hue="label", order=labels, hue_order=labels, palette=palette,
                 errorbar="sd", capsize=0.15, err_kws={"linewidth": 1}, legend=False, ax=ax)
+    ax.set_yticks(range(len(labels)), names)  # bars keyed by label (names need not be unique), shown by name
     ax.set(ylabel="", xlabel="Performance drop PD = A_1 - A_T (percentage points; lower is better)",
            title=f"{protocol}: accuracy lost from the first task to the last (mean ± sd over seeds)")
     ax.axvline(0, color="black", linewidth=0.8)
+    _fit_texts(fig, ax, ax.title, ax.xaxis.label)
     return fig
 
 
-def matrix_figure(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
-    """The seed-mean accuracy matrix of the runs in `g` (rows with `accuracy_matrix`) as a heatmap."""
+def matrix_figure(g: pd.DataFrame, protocol: str, label: str, name: str | None = None) -> plt.Figure:
+    """The seed-mean accuracy matrix of the runs in `g` (rows with `accuracy_matrix`) as a heatmap,
+    titled with the row's shown `name` (default: the label)."""
     mats = []
     for r in g.itertuples():
         T = len(r.accuracy_matrix)
@@ -205,17 +265,20 @@ def matrix_figure(g: pd.DataFrame, protocol: str, label: str) -> plt.Figure:
     T = len(mean)
     ticks = list(range(1, T + 1))
     size = min(max(4.5, 0.6 * T + 2), 14)
-    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    # "compressed": the square heatmap and its colour bar side by side, as tall as each other, with
+    # none of the figure's spare width between them
+    fig, ax = plt.subplots(figsize=(size + 1, size), layout="compressed")
     annot = T <= _ANNOTATE_MAX_TASKS
     sns.heatmap(mean, mask=np.triu(np.ones((T, T), bool), k=1), vmin=0, vmax=100,
                 cmap="viridis", square=True, annot=annot, fmt=".1f" if T <= 8 else ".0f",
                 annot_kws={"fontsize": 10 if T <= 10 else 8}, xticklabels=ticks,
-                yticklabels=ticks, cbar_kws={"label": "Accuracy (%)"}, ax=ax)
+                yticklabels=ticks, cbar_kws={"label": "Accuracy (%)", "pad": 0.02}, ax=ax)
     n = len(mats)
     ax.set(xlabel="Evaluated on task i", ylabel="After training task t",
-           title=f"{protocol} · {label} (mean of {n} seed{'s' * (n > 1)})")
+           title=f"{protocol} · {name or label} (mean of {n} seed{'s' * (n > 1)})")
     ax.tick_params(axis="y", rotation=0)
     ax.grid(False)  # whitegrid's lines would show through the masked upper triangle
+    _fit_texts(fig, ax, ax.title)
     return fig
 
 
@@ -226,13 +289,13 @@ class Figure:
     protocol: str
     label: str | None  # the run label of an accuracy matrix
     fig: plt.Figure
+    name: str | None = None  # that row's shown name (an experiment file's, else the label), for captions
 
 
 def figures(runs: pd.DataFrame) -> Iterator[Figure]:
     """Every figure for each protocol in `runs`, built one at a time (close each after use)."""
-    from harness.report import ordered_labels
-
-    style = styles(ordered_labels(runs, runs.label.unique()))
+    labels = ordered_labels(runs, runs.label.unique())
+    style = styles(labels, {lab: shown_name(runs, lab) for lab in labels})
     proto_slug = _slugs(runs.protocol.unique())
     with sns.axes_style("whitegrid"):  # a local style: global rcParams stay untouched
         for protocol, g in runs.groupby("protocol", sort=True):
@@ -251,8 +314,9 @@ def figures(runs: pd.DataFrame) -> Iterator[Figure]:
                              _performance_drop(g, protocol, style))
             label_slug = _slugs(g.label.unique())
             for label, lg in g.groupby("label", sort=True):
+                name = style[label].name
                 yield Figure(f"accuracy_matrix_{ps}_{label_slug[label]}", "accuracy_matrix", protocol, label,
-                             matrix_figure(lg, protocol, label))
+                             matrix_figure(lg, protocol, label, name), name)
 
 
 # The HTML page's resolution: figures on screen, a page that stays small

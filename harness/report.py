@@ -9,12 +9,13 @@ an empty cell means that label was not run on that protocol.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import pandas as pd
 from harness import failures
 from harness.errors import HarnessError
 from harness.atomic import atomic_write_text
+from harness.presentation import ordered_labels, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ ZERO_SHOT = "Zero-shot (%)"
 # Task-IL (the task identity given at test time): only where some run recorded it; the
 # unprefixed Avg and Last are always Class-IL.
 TASK_IL = ("Task-IL Avg (%)", "Task-IL Last (%)")
+# Optional column groups (`columns`), off by default so a table stays as it was; from newer
+# summaries only ("–" for older runs): group -> (heading, summary field) pairs, shown in this order.
+EXTRA_COLUMNS = {"old_new": (("Old (%)", "last_old_accuracy"), ("New (%)", "last_new_accuracy")),
+                 "top5": (("Top-5 Avg (%)", "avg_top5_accuracy"), ("Top-5 Last (%)", "last_top5_accuracy"))}
+_EXTRA_FIELDS = tuple(field for pairs in EXTRA_COLUMNS.values() for _, field in pairs)
 _SEED_DIR = re.compile(r"seed\d+$")
 
 
@@ -85,8 +92,10 @@ def _is_unfinished(d: Path) -> bool:
 def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
     """One row per finished run (a summary.json) found recursively under `dirs`.
 
-    Columns are the summary's keys plus "path". Unfinished runs are skipped; their
-    folders are listed in `runs.attrs["skipped"]` (and logged).
+    Columns are the summary's keys plus "path"; newer summaries' optional keys (old_accuracy,
+    new_accuracy, top5_accuracy per task; the scalars of EXTRA_COLUMNS) where present, the
+    scalars NaN for runs without them. Unfinished runs are skipped; their folders are listed in
+    `runs.attrs["skipped"]` (and logged); `runs.attrs["dirs"]`: the folders read.
     """
     if not dirs:
         raise HarnessError("no results folder given")
@@ -117,8 +126,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
                                & (dup.seed == r.seed)].path)
         raise HarnessError(f"run {r.protocol}/{r.label}/seed{r.seed} found twice: {others}")
     runs = runs.sort_values(["protocol", "label", "seed"], kind="stable").reset_index(drop=True)
-    for k in NUMERIC:  # None (undefined, or absent from an older summary) -> NaN
+    for k in NUMERIC + _EXTRA_FIELDS:  # None (undefined, or absent from an older summary) -> NaN
         runs[k] = pd.to_numeric(runs[k], errors="coerce") if k in runs else np.nan
+    runs.attrs["dirs"] = [str(Path(d).resolve()) for d in dirs]  # the folders read (the page's paths start there)
     runs.attrs["skipped"] = sorted(map(str, skipped))
     runs.attrs["failed"] = [{"path": str(p), **failed[p]} for p in sorted(failed)]
     if skipped:
@@ -128,17 +138,31 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- tables
 
-def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+def column_groups(columns: Sequence[str]) -> list[str]:
+    """The optional column groups asked for (EXTRA_COLUMNS' keys), in the table's order."""
+    if isinstance(columns, str):  # a bare string would be read letter by letter
+        raise HarnessError(f"column groups come as a list, not the string {columns!r}")
+    unknown = [c for c in columns if c not in EXTRA_COLUMNS]
+    if unknown:
+        raise HarnessError(f"unknown column group {unknown[0]!r}; choose from {', '.join(EXTRA_COLUMNS)}")
+    return [g for g in EXTRA_COLUMNS if g in columns]
+
+
+def _extra_fields(columns: Sequence[str]) -> tuple[str, ...]:
+    return tuple(field for g in column_groups(columns) for _, field in EXTRA_COLUMNS[g])
+
+
+def summary_table(runs: pd.DataFrame, columns: Sequence[str] = ()) -> pd.DataFrame:
     """Machine-readable table: one row per (protocol, label), `<field>_mean` and
-    `<field>_std` (ddof=1; NaN with one seed) for every numeric summary field; `name` is the
-    row's name in an experiment file (the label where it has none), as the paper table shows it."""
+    `<field>_std` (ddof=1; NaN with one seed) for every numeric summary field (and the fields of
+    the optional `columns` groups); `name` is the row's name in an experiment file (the label
+    where it has none), as the paper table shows it."""
     out = []
-    shown = runs.attrs.get("names") or {}
     for (protocol, label), g in runs.groupby(["protocol", "label"], sort=True):
-        row = {"protocol": protocol, "label": label, "name": shown.get(label, label),
+        row = {"protocol": protocol, "label": label, "name": shown_name(runs, label),
                "method": g["method"].iloc[0],
                "n_seeds": len(g), "seeds": " ".join(map(str, sorted(g["seed"])))}
-        for k in NUMERIC:
+        for k in NUMERIC + _extra_fields(columns):
             row[f"{k}_mean"] = g[k].mean()
             row[f"{k}_std"] = g[k].std(ddof=1)
         out.append(row)
@@ -151,7 +175,8 @@ def _pm(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f}" if n < 2 or math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
+    """A wall time as the tables show it: seconds under a minute, minutes under an hour, else hours."""
     if math.isnan(s):
         return "–"
     if s < 60:
@@ -176,45 +201,38 @@ def _memory(exemplars: float, nbytes: float) -> str:
     return f"{exemplars:,.0f} ({nbytes / 1e6:.1f} MB)"  # MB = 10^6 bytes
 
 
-def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Display table: index = label, columns = (protocol, one of COLUMNS), strings."""
-    s = summary_table(runs)
-    names = list(COLUMNS)
-    with_zero_shot = s.zero_shot_mean_mean.notna().any()
-    with_task_il = s.task_il_avg_incremental_accuracy_mean.notna().any()
-    if with_task_il:
-        names[3:3] = TASK_IL
-    if with_zero_shot:
-        names.insert(3, ZERO_SHOT)
+def _mean_std_columns(s: pd.DataFrame, columns: Sequence[str]) -> list[tuple[str, str]]:
+    """(heading, summary field) of the paper table's "mean ± std" columns, in order: the Class-IL
+    ones, Zero-shot and Task-IL where some run recorded them, then the optional groups asked for."""
+    pairs = list(zip(COLUMNS[:3], ("avg_incremental_accuracy", "last_accuracy", "average_forgetting")))
+    if s.zero_shot_mean_mean.notna().any():
+        pairs.append((ZERO_SHOT, "zero_shot_mean"))
+    if s.task_il_avg_incremental_accuracy_mean.notna().any():
+        pairs += zip(TASK_IL, ("task_il_avg_incremental_accuracy", "task_il_last_accuracy"))
+    return pairs + [pair for g in column_groups(columns) for pair in EXTRA_COLUMNS[g]]
+
+
+def paper_table(runs: pd.DataFrame, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Display table: index = the rows' shown names, columns = (protocol, heading), strings; the
+    headings are COLUMNS, with Zero-shot and Task-IL where recorded and the optional `columns`
+    groups (EXTRA_COLUMNS' keys: "old_new", "top5") before Seeds."""
+    s = summary_table(runs, columns)
+    pairs = _mean_std_columns(s, columns)
+    names = [heading for heading, _ in pairs] + list(COLUMNS[3:])
     cells = {}
     for r in s.itertuples(index=False):
         n = r.n_seeds
-        row = [_pm(r.avg_incremental_accuracy_mean, r.avg_incremental_accuracy_std, n),
-               _pm(r.last_accuracy_mean, r.last_accuracy_std, n),
-               _pm(r.average_forgetting_mean, r.average_forgetting_std, n),
-               str(n), _duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
-               _memory(r.memory_exemplars_mean, r.memory_bytes_mean)]
-        if with_task_il:
-            row[3:3] = [_pm(r.task_il_avg_incremental_accuracy_mean, r.task_il_avg_incremental_accuracy_std, n),
-                        _pm(r.task_il_last_accuracy_mean, r.task_il_last_accuracy_std, n)]
-        if with_zero_shot:
-            row.insert(3, _pm(r.zero_shot_mean_mean, r.zero_shot_mean_std, n))
-        cells[(r.protocol, r.label)] = row
+        row = [_pm(getattr(r, f"{field}_mean"), getattr(r, f"{field}_std"), n) for _, field in pairs]
+        cells[(r.protocol, r.label)] = row + [
+            str(n), duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
+            _memory(r.memory_exemplars_mean, r.memory_bytes_mean)]
     protocols = sorted(s.protocol.unique())
     labels = ordered_labels(runs, s.label.unique())
-    columns = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])
+    header = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])
     data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(names))]
             for lab in labels]
-    shown = runs.attrs.get("names") or {}
-    return pd.DataFrame(data, index=pd.Index([shown.get(lab, lab) for lab in labels], name="Method"),
-                        columns=columns)
-
-
-def ordered_labels(runs: pd.DataFrame, labels) -> list[str]:
-    """Labels in an experiment file's order (runs.attrs["order"]), the rest alphabetically after them."""
-    order = list(runs.attrs.get("order") or [])
-    rank = {label: i for i, label in enumerate(order)}
-    return sorted(labels, key=lambda label: (rank.get(label, len(order)), label))
+    return pd.DataFrame(data, index=pd.Index([shown_name(runs, lab) for lab in labels], name="Method"),
+                        columns=header)
 
 
 def session_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -237,8 +255,7 @@ def session_table(runs: pd.DataFrame) -> pd.DataFrame:
     columns = pd.MultiIndex.from_tuples([(p, h) for p in protocols for h in heads[p]], names=["protocol", ""])
     labels = ordered_labels(runs, {lab for _, lab in cells})
     data = [[v for p in protocols for v in cells.get((p, lab), ("",) * len(heads[p]))] for lab in labels]
-    shown = runs.attrs.get("names") or {}
-    return pd.DataFrame(data, index=pd.Index([shown.get(lab, lab) for lab in labels], name="Method"),
+    return pd.DataFrame(data, index=pd.Index([shown_name(runs, lab) for lab in labels], name="Method"),
                         columns=columns)
 
 
@@ -290,10 +307,13 @@ def _failed_note(runs: pd.DataFrame) -> str:
     return "\nFailed runs, not in the table (the same command resumes them):\n\n" + "\n".join(lines) + "\n"
 
 
-def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions: bool = False) -> str:
+def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions: bool = False,
+           columns: Sequence[str] = (), page: Callable[..., str] | None = None) -> str:
     """The report as text: "md" / "latex" (paper table), "csv" (summary_table) or "html" (one
-    self-contained page with the figures, harness.html_report); with `sessions`, the
-    accuracy after each session and PD (session_table) as md, latex or csv."""
+    self-contained page with the figures: `page`, harness.html_report.html_page, which this module
+    does not import, as that one imports it; harness.html_report.render passes it); with `sessions`,
+    the accuracy after each session and PD (session_table) as md, latex or csv. `columns`: the
+    paper table's optional column groups (EXTRA_COLUMNS)."""
     if sessions:
         if fmt not in ("md", "latex", "csv"):
             raise HarnessError("the session table comes as md, latex or csv")
@@ -302,24 +322,30 @@ def render(runs: pd.DataFrame, fmt: str, embedded: list | None = None, sessions:
             return table.to_csv()
         return _markdown(table) if fmt == "md" else _latex(table)
     if fmt == "md":
-        return _markdown(paper_table(runs)) + _failed_note(runs)
+        return _markdown(paper_table(runs, columns)) + _failed_note(runs)
     if fmt == "latex":
-        return _latex(paper_table(runs))
+        return _latex(paper_table(runs, columns))
     if fmt == "csv":
-        return summary_table(runs).to_csv(index=False)
+        return summary_table(runs, columns).to_csv(index=False)
     if fmt == "html":
-        from harness.html_report import html_page  # draws every figure: only when asked
-
-        return html_page(runs, embedded=embedded)
+        if page is None:
+            raise HarnessError("the html page needs page=harness.html_report.html_page "
+                               "(harness.html_report.render and write_report pass it)")
+        return page(runs, embedded=embedded, columns=columns)
     raise HarnessError(f"unknown report format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
-def write_report(runs: pd.DataFrame, out_dir: str | Path,
-                 formats: Sequence[str] = FORMATS, embedded: list | None = None) -> list[Path]:
+def write_report(runs: pd.DataFrame, out_dir: str | Path, formats: Sequence[str] = FORMATS,
+                 embedded: list | None = None, columns: Sequence[str] = (),
+                 page: Callable[..., str] | None = None) -> list[Path]:
     """Write table.md / table.tex / table.csv / report.html and sessions.md / sessions.csv (atomically)
     to out_dir; returns the paths.
-    `embedded`: the figures plots.write_figures drew, for the page (else it draws them)."""
-    texts = {_FILES[f]: render(runs, f, embedded) for f in formats}  # render all first: fail before writing
+    `embedded`: the figures plots.write_figures drew, for the page (else it draws them); `columns`
+    and `page` as for render (the page is told its folder: the paths it shows are relative to it)."""
+    if page is not None:
+        page = functools.partial(page, folder=out_dir)
+    # render all first: fail before writing
+    texts = {_FILES[f]: render(runs, f, embedded, columns=columns, page=page) for f in formats}
     texts.update({name: render(runs, f, sessions=True) for f, name in _SESSION_FILES.items() if f in formats})
     paths = []
     for name, text in texts.items():

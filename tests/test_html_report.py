@@ -1,6 +1,8 @@
 """`report --format html`: one self-contained page, its numbers those of table.csv, checked in a real browser."""
 import base64
 import csv
+import html
+import json
 import math
 import re
 import shutil
@@ -9,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import html_report, report
 from harness.cli import main
+from harness.errors import HarnessError
+from harness.metrics import summarise
+from harness.plots import write_figures
 
 QUICK = ["--protocol", "quickdraw20_2x10", "--epochs", "1", "--max-train-per-class", "8", "--quiet", "--device", "cpu",
          "--threads", "1"]
@@ -168,3 +174,78 @@ def _renders(results: Path, n_images: int, tmp_path: Path) -> None:
         assert browser.save_screenshot(str(tmp_path / "report.png"))
     finally:
         browser.quit()
+
+
+# ---------------------------------------------------------------- pages of hand-made runs (nothing trains)
+
+NAME = "LwF + ER, one epoch (the quick row)"
+LABEL = "lwf_er+epochs=1+kd_lambda=2+memory=100"
+
+
+def _fake_results(root: Path) -> Path:
+    """A protocol folder with two finished rows (one named by an experiment file) and one failed run."""
+    folder = root / "toy"
+    for label, wall in ((LABEL, 12.5), ("finetune", 3 * 3600.0)):
+        d = folder / label / "seed0"
+        d.mkdir(parents=True)
+        a = [[90.0], [40.0, 85.0]]
+        (d / "summary.json").write_text(json.dumps(
+            {"protocol": "toy", "label": label, "method": label.split("+")[0], "seed": 0, "classes_seen": [10, 20],
+             "wall_time_s": wall, **summarise(a, [90.0, 62.5])}))
+        (d / "config.json").write_text(json.dumps(
+            {"label": label, "command": f"{root}/harness/__main__.py run --out {root} --quiet",
+             "data_root": str(root / "data"), "url": "https://example.org/x", "environment": {"python": "3.11"}}))
+    failed = folder / "icarl" / "seed0"
+    failed.mkdir(parents=True)
+    (failed / "error.json").write_text(json.dumps({"label": "icarl", "seed": 0, "message": "CUDA out of memory"}))
+    return folder
+
+
+def _named(folder: Path):
+    runs = report.collect_runs([folder])
+    runs.attrs["names"] = {LABEL: NAME}
+    return runs
+
+
+def test_page_paths_are_relative_to_its_folder(tmp_path):
+    folder = _fake_results(tmp_path / "results")
+    html_report.write_report(_named(folder), folder, embedded=[])
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert str(tmp_path) not in page  # no absolute path: not the runs', the failed run's, nor the configs'
+    assert f">{LABEL}/seed0<br>" in page and "finetune/seed0" in page
+    assert "icarl/seed0/error.json" in page and "CUDA out of memory" in page
+    assert "../harness/__main__.py run --out .. --quiet" in page and "https://example.org/x" in page
+    # a page printed from the folder it would be written to is the same page
+    assert html_report.render(_named(folder), "html", embedded=[]) == page
+    # written elsewhere, its paths start there
+    html_report.write_report(_named(folder), tmp_path / "elsewhere", formats=("html",), embedded=[])
+    assert "../results/toy/finetune/seed0" in (tmp_path / "elsewhere" / "report.html").read_text(encoding="utf-8")
+
+
+def test_page_wall_times_read_as_the_table_s(tmp_path):
+    runs = _named(_fake_results(tmp_path))
+    page = html_report.render(runs, "html", embedded=[])
+    assert "Last 62.5, 12.5 s</summary>" in page and "Last 62.5, 3.0 h</summary>" in page
+    assert " min</summary>" not in page  # 12.5 s read "0.2 min"
+    table = report.paper_table(runs)
+    assert table.loc[NAME, ("toy", "Wall time")] == "12.5 s" and table.loc["finetune", ("toy", "Wall time")] == "3.0 h"
+
+
+def test_page_names_rows_and_captions_as_the_experiment_file(tmp_path):
+    runs = _named(_fake_results(tmp_path))
+    embedded: list = []
+    write_figures(runs, tmp_path / "plots", embedded)
+    page = html_report.render(runs, "html", embedded=embedded)
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    assert any(c.startswith(html.escape(NAME)) for c in captions)
+    assert not any(LABEL in c for c in captions)  # the raw label is no caption
+    assert f'alt="accuracy matrix of {html.escape(NAME)}"' in page
+    assert re.search(rf"<h3[^>]*>toy · {re.escape(html.escape(NAME))} <span", page)  # the runs' heading too
+
+
+def test_report_render_leaves_the_page_to_html_report(tmp_path):
+    runs = _named(_fake_results(tmp_path))
+    with pytest.raises(HarnessError, match="html_page"):
+        report.render(runs, "html")
+    assert report.render(runs, "html", embedded=[], page=html_report.html_page).startswith("<!DOCTYPE html>")
+    assert html_report.render(runs, "md") == report.render(runs, "md")

@@ -1,18 +1,23 @@
 """Tables and figures from hand-made results folders (no training involved)."""
 from __future__ import annotations
 
+import ast
+import io
 import json
 import statistics
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import pandas as pd
 import pytest
 
+from harness import html_report, plots, report
 from harness.errors import HarnessError
 from harness.metrics import summarise
 from harness.plots import write_figures
-from harness.report import collect_runs, paper_table, render, write_report
+from harness.report import collect_runs, paper_table, render
+from harness.html_report import write_report
 
 PROTOCOLS = {"toy_4x5": (4, 5), "toy_3x10": (3, 10)}  # name -> (tasks, classes per task)
 LABELS = ("finetune", "gmm+memory=2000")
@@ -98,6 +103,11 @@ def test_write_report_files_parse(runs, results, tmp_path):
     paths = write_report(runs, tmp_path)
     assert sorted(p.name for p in paths) == ["report.html", "sessions.csv", "sessions.md", "table.csv", "table.md",
                                              "table.tex"]
+    # harness.report draws no page itself (harness.html_report's): it says so, before writing anything
+    with pytest.raises(HarnessError, match="html_page"):
+        report.write_report(runs, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    assert [p.name for p in report.write_report(runs, tmp_path / "md", formats=("md",))] == ["table.md", "sessions.md"]
 
     csv = pd.read_csv(tmp_path / "table.csv")
     assert len(csv) == len(PROTOCOLS) * len(LABELS)
@@ -182,3 +192,198 @@ def test_errors(tmp_path):
     bad.write_text('{"protocol": "p"}')
     with pytest.raises(HarnessError, match="lacks"):
         collect_runs([tmp_path / "bad"])
+
+
+# ---------------------------------------------------------------- the modules' dependencies
+
+def _harness_imports(module: str) -> set[str]:
+    """Every harness module `module` imports, at its top or inside a function (a lazy import is an edge too)."""
+    tree = ast.parse(Path(report.__file__).with_name(f"{module}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name.split(".")[1] for name in found if name.startswith("harness.")}
+
+
+def test_report_modules_depend_one_way():
+    edges = {m: _harness_imports(m) & {"report", "plots", "html_report", "presentation"}
+             for m in ("report", "plots", "html_report", "presentation")}
+    assert edges == {"presentation": set(), "report": {"presentation"}, "plots": {"presentation"},
+                     "html_report": {"report", "plots", "presentation"}}
+
+
+# ---------------------------------------------------------------- names and figures ready for a paper
+
+def _write_summary(root: Path, protocol: str, label: str, seed: int, matrix: list[list[float]], **extra) -> None:
+    d = root / protocol / label / f"seed{seed}"
+    d.mkdir(parents=True)
+    T = len(matrix)
+    s = {"protocol": protocol, "method": label.split("+")[0], "label": label, "seed": seed, "num_tasks": T,
+         "classes_seen": [10 * (t + 1) for t in range(T)],
+         **summarise(matrix, [sum(row) / len(row) for row in matrix]), "wall_time_s": 42.0, **extra}
+    (d / "summary.json").write_text(json.dumps(s))
+    (d / "config.json").write_text("{}")
+
+
+def _same_runs(root: Path, labels, T: int = 4, remembered: float = 60.0) -> pd.DataFrame:
+    """Rows with the very same results (new tasks at 95 %, old ones at `remembered`)."""
+    matrix = [[95.0 if i == t else remembered for i in range(t + 1)] for t in range(T)]
+    for label in labels:
+        _write_summary(root, "toy", label, 0, matrix)
+    return collect_runs([root])
+
+
+def _pixels(fig, ax) -> np.ndarray:
+    """The RGB pixels inside `ax` as drawn (rows from the top)."""
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255
+    box = ax.get_window_extent()
+    height = rgb.shape[0]
+    return rgb[int(height - box.y1) + 2: int(height - box.y0) - 2, int(box.x0) + 2: int(box.x1) - 2]
+
+
+NAMES = {"finetune": "Fine-tuning (lower bound)", "gmm+memory=2000": "GMM, 2,000 exemplars"}
+
+
+def test_figures_name_rows_as_the_experiment_file_does(runs):
+    named = runs.copy()
+    named.attrs = {**runs.attrs, "names": NAMES}
+    shown = set()
+    for f in plots.figures(named[named.protocol == "toy_4x5"]):
+        texts = {t.get_text() for t in f.fig.findobj(lambda a: hasattr(a, "get_text"))}
+        shown |= texts
+        assert not {"finetune", "gmm+memory=2000"} & texts, f.stem  # no raw label anywhere in a figure
+        if f.kind == "accuracy_matrix":
+            assert f.name == NAMES[f.label] and NAMES[f.label] in f.fig.axes[0].get_title()
+        elif f.kind == "performance_drop":
+            assert [t.get_text() for t in f.fig.axes[0].get_yticklabels()] == list(NAMES.values())
+        else:  # the curves' and the forgetting bars' legends
+            assert [t.get_text() for t in f.fig.legends[0].get_texts()] == list(NAMES.values())
+        plots.plt.close(f.fig)
+    assert set(NAMES.values()) <= shown
+
+
+def test_forgetting_legend_never_covers_a_bar(tmp_path):
+    # every task forgets 95 points: bars as tall as the axes, no room for a legend inside them
+    runs = _same_runs(tmp_path, ["a", "b", "c"], remembered=0.0)
+    f = next(f for f in plots.figures(runs) if f.kind == "forgetting")
+    f.fig.canvas.draw()
+    legend = (f.fig.legends or [f.fig.axes[0].get_legend()])[0].get_window_extent()
+    bars = [p.get_window_extent() for p in f.fig.axes[0].patches if p.get_height() > 0]
+    assert len(bars) == 3 * 3 and not any(legend.overlaps(b) for b in bars)
+    plots.plt.close(f.fig)
+
+
+def test_identical_curves_both_show(tmp_path):
+    runs = _same_runs(tmp_path, ["first", "second"])
+    style = plots.styles(["first", "second"])
+    f = next(f for f in plots.figures(runs) if f.kind == "acc_vs_classes")
+    ax = f.fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    a, b = lines["first"], lines["second"]
+    assert list(a.get_ydata()) == list(b.get_ydata())  # the very same curve...
+    assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
+    assert a.get_markersize() > b.get_markersize()  # ...the one on top smaller: the one beneath shows around it
+    pixels = _pixels(f.fig, ax)
+    for lab in ("first", "second"):  # both colours visible inside the axes (the legend left out)
+        near = np.abs(pixels - np.array(style[lab].colour)).max(-1) < 0.08
+        assert near.sum() > 150, lab
+    plots.plt.close(f.fig)
+
+
+def _blank_margin(png: Path) -> float:
+    """The blank columns left and right of the figure's lower part (below any title), as a fraction of
+    its width: what a title or label wider than the data leaves beside it once cropped."""
+    img = mpimg.imread(png)[..., :3]
+    height, width = img.shape[:2]
+    ink = np.flatnonzero((img[int(0.3 * height): int(0.97 * height)] < 0.9).any(-1).any(0))
+    return (ink[0] + width - 1 - ink[-1]) / width
+
+
+LONG = "gmm+align=none+decay_biases=True+lr=0.001+lr_schedule=none"
+
+
+def test_saved_figures_have_no_wide_blank_margin(tmp_path):
+    # a long label, a long experiment-file name and a short one: titles wider than the data beneath them
+    runs = _same_runs(tmp_path / "runs", [LONG, "b", "c"], T=2)
+    runs.attrs["names"] = {"b": "gmm, 2,000 exemplars, 1 epoch a task (the released run's setting)"}
+    paths = [p for p in write_figures(runs, tmp_path / "plots") if p.suffix == ".png"]
+    assert len(paths) == 3 + 3
+    for png in paths:
+        assert _blank_margin(png) < 0.03, png.name
+    fig = plots.matrix_figure(runs[runs.label == "c"], "toy", "c")
+    fig.canvas.draw()
+    heatmap, bar = (ax.get_window_extent() for ax in fig.axes)
+    assert bar.height == pytest.approx(heatmap.height, rel=0.02)  # the colour bar as tall as the matrix
+    assert bar.x0 - heatmap.x1 < 0.05 * heatmap.width  # and beside it
+    plots.plt.close(fig)
+
+
+def test_styles_tell_forty_rows_apart():
+    style = plots.styles([f"m{i}" for i in range(40)])
+    assert len({(s.colour, s.marker, s.dashes) for s in style.values()}) == 40
+    first = list(style.values())[:10]
+    assert len({s.dashes for s in first[:4]}) == 4  # neighbours differ in their lines too, not only colour
+    assert all(a.size > b.size for a, b in zip(first, first[1:]))
+
+
+# ---------------------------------------------------------------- optional columns
+
+def _extras(T: int, shift: float) -> dict:
+    old = [None] + [40.0 + shift + t for t in range(1, T)]
+    top5 = [90.0 + shift - t for t in range(T)]
+    return {"old_accuracy": old, "new_accuracy": [80.0 + shift] * T, "top5_accuracy": top5,
+            "last_old_accuracy": old[-1], "last_new_accuracy": 80.0 + shift,
+            "avg_top5_accuracy": sum(top5) / T, "last_top5_accuracy": top5[-1]}
+
+
+@pytest.fixture()
+def mixed_runs(tmp_path) -> pd.DataFrame:
+    """"new" has the optional keys (two seeds), "old" (an older summary) lacks them."""
+    matrix = [[90.0], [50.0, 85.0], [30.0, 40.0, 80.0]]
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        _write_summary(tmp_path, "toy", "new", seed, matrix, **_extras(3, shift))
+    _write_summary(tmp_path, "toy", "old", 0, matrix)
+    return collect_runs([tmp_path])
+
+
+def test_optional_columns_off_by_default(mixed_runs):
+    t = paper_table(mixed_runs)
+    assert list(t.columns.get_level_values(1)) == list(report.COLUMNS)
+    assert render(mixed_runs, "md") == render(mixed_runs, "md", columns=())
+    assert "last_old_accuracy_mean" not in render(mixed_runs, "csv")
+
+
+def test_optional_columns_by_hand(mixed_runs):
+    new = mixed_runs[mixed_runs.label == "new"]
+    assert list(new.old_accuracy.iloc[0]) == [None, 41.0, 42.0]  # the per-task lists, loaded as written
+    assert mixed_runs.loc[mixed_runs.label == "old", "last_top5_accuracy"].isna().all()
+    t = paper_table(mixed_runs, columns=("top5", "old_new"))  # shown in the table's order, not the caller's
+    heads = list(t.columns.get_level_values(1))
+    assert heads[:3] == list(report.COLUMNS[:3]) and heads[-4:] == list(report.COLUMNS[3:])
+    assert heads[3:7] == ["Old (%)", "New (%)", "Top-5 Avg (%)", "Top-5 Last (%)"]
+    row = t.loc["new", "toy"]
+    assert row["Old (%)"] == f"{statistics.mean([42.0, 44.0]):.1f} ± {statistics.stdev([42.0, 44.0]):.1f}"
+    assert row["New (%)"] == "81.0 ± 1.4"
+    assert row["Top-5 Avg (%)"] == "90.0 ± 1.4" and row["Top-5 Last (%)"] == "89.0 ± 1.4"
+    assert list(t.loc["old", "toy"][["Old (%)", "New (%)", "Top-5 Avg (%)", "Top-5 Last (%)"]]) == ["–"] * 4
+    md = render(mixed_runs, "md", columns=("old_new",))
+    assert "| Old (%) | New (%) |" in md and "Top-5" not in md
+    assert r"Top-5 Last (\%)" in render(mixed_runs, "latex", columns=("top5",))
+    csv = pd.read_csv(io.StringIO(render(mixed_runs, "csv", columns=("old_new", "top5"))))
+    assert csv.set_index("label").loc["new", "avg_top5_accuracy_mean"] == pytest.approx(90.0)
+    with pytest.raises(HarnessError, match="unknown column group 'top1'"):
+        paper_table(mixed_runs, columns=("top1",))
+    with pytest.raises(HarnessError, match="as a list"):
+        paper_table(mixed_runs, columns="top5")  # one group is still a tuple of them
+
+
+def test_optional_columns_written_everywhere(mixed_runs, tmp_path):
+    write_report(mixed_runs, tmp_path / "out", embedded=[], columns=("old_new", "top5"))
+    for name in ("table.md", "table.tex", "report.html"):
+        assert "Top-5 Avg" in (tmp_path / "out" / name).read_text(), name
+    assert "last_new_accuracy_mean" in (tmp_path / "out" / "table.csv").read_text()
+    assert "Old (%)" in html_report.render(mixed_runs, "html", embedded=[], columns=("old_new",))
