@@ -1,10 +1,15 @@
-"""Progress bars: one per training epoch (a plugin), one over tasks (the runner)."""
+"""Progress bars: one per training epoch (a plugin), one over tasks (the runner).
+
+Every method trains with EpochProgress, so it is also where each training iteration ends
+at a safe point for a swallowed Ctrl-C (harness.interrupts)."""
 from __future__ import annotations
 
 import sys
 
 from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
+
+from harness import interrupts
 
 
 class EpochProgress(SupervisedPlugin):
@@ -25,6 +30,7 @@ class EpochProgress(SupervisedPlugin):
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=self.disable, file=sys.stderr, dynamic_ncols=True)
 
     def after_training_iteration(self, strategy, **kwargs):
+        interrupts.check()  # a Ctrl-C that a callback swallowed stops training here
         if self.bar is not None:
             self.bar.update(1)
             if self.bar.n % 10 == 0:
