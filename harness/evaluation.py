@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from avalanche.evaluation.metrics import Accuracy
+from avalanche.evaluation.metrics import Accuracy, TopkAccuracy
 from torch.utils.data import DataLoader
 
 from harness.errors import HarnessError, RunDiverged
@@ -22,6 +22,18 @@ class StepScores:
     sizes: list[int]  # test samples per task
     task_il_row: list[float]
     task_il_seen: float
+    top5_seen: float = 0.0  # Class-IL top-5 (top-k with k = min(5, classes seen)) on every seen class
+
+    @property
+    def new(self) -> float:
+        """Accuracy on the classes of the task just learnt (PyCIL's "new")."""
+        return self.row[-1]
+
+    @property
+    def old(self) -> float | None:
+        """Accuracy on the classes of the earlier tasks, their test samples pooled (PyCIL's "old")."""
+        n = sum(self.sizes[:-1])
+        return sum(a * k for a, k in zip(self.row[:-1], self.sizes[:-1])) / n if n else None
 
 
 class Evaluator:
@@ -49,10 +61,10 @@ class Evaluator:
                 yield batch[0], torch.as_tensor(batch[1])
 
     def task_accuracy(self, scores_of, task: int, classes_seen: int, who: str,
-                      pooled: tuple[Accuracy, Accuracy] | None = None) -> tuple[float, int, float]:
+                      pooled: tuple[Accuracy, Accuracy, TopkAccuracy] | None = None) -> tuple[float, int, float]:
         """(Class-IL accuracy, test samples, Task-IL accuracy) of scores_of(x) on `task`'s test
         data, Class-IL over the first classes_seen classes; `who` names the scorer in errors;
-        `pooled` (Class-IL, Task-IL) accumulates the same predictions."""
+        `pooled` (Class-IL, Task-IL, Class-IL top-k) accumulates the same predictions."""
         acc, til = Accuracy(), Accuracy()
         lo, hi = self.task_classes[task][0], self.task_classes[task][-1] + 1
         n = 0
@@ -73,12 +85,13 @@ class Evaluator:
             if pooled is not None:
                 pooled[0].update(pred, y)
                 pooled[1].update(pred_til, y)
+                pooled[2].update(scores[:, :classes_seen].float().cpu(), y, 0)
             n += len(y)
         return 100.0 * acc.result(), n, 100.0 * til.result()
 
     def evaluate(self, method, step: int, classes_seen: int) -> StepScores:
         """Every seen task's test data scored by method.class_scores."""
-        pooled = (Accuracy(), Accuracy())
+        pooled = (Accuracy(), Accuracy(), TopkAccuracy(top_k=min(5, classes_seen)))
         out = StepScores([], 0.0, [], [], 0.0)
         for task in range(step + 1):
             acc, n, til = self.task_accuracy(method.class_scores, task, classes_seen, f"method {method.name}", pooled)
@@ -86,4 +99,5 @@ class Evaluator:
             out.sizes.append(n)
             out.task_il_row.append(til)
         out.seen, out.task_il_seen = 100.0 * pooled[0].result(), 100.0 * pooled[1].result()
+        out.top5_seen = 100.0 * pooled[2].result()[0]
         return out

@@ -92,3 +92,17 @@ def summarise_task_il(matrix: Sequence[Sequence[float]], step_accuracy: Sequence
         "task_il_accuracy_matrix": [list(map(float, row)) for row in matrix],
         "task_il_step_accuracy": list(map(float, step_accuracy)),
     }
+
+
+def summarise_old_new_top5(old: Sequence[float | None], new: Sequence[float], top5: Sequence[float]) -> dict:
+    """PyCIL's per-task split of the Class-IL accuracy into the classes of earlier tasks ("old",
+    none after the first task) and of the task just learnt ("new"), and Class-IL top-5 accuracy."""
+    return {
+        "old_accuracy": [None if v is None else float(v) for v in old],
+        "new_accuracy": list(map(float, new)),
+        "top5_accuracy": list(map(float, top5)),
+        "last_old_accuracy": None if old[-1] is None else float(old[-1]),
+        "last_new_accuracy": float(new[-1]),
+        "avg_top5_accuracy": float(np.mean(top5)),
+        "last_top5_accuracy": float(top5[-1]),
+    }

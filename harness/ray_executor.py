@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from harness.errors import HarnessError
+from harness.runner import execute, failed_outcome
 
 # A worker that dies (killed, out of memory, node lost) has its run retried this many times;
 # each retry resumes from the run's last checkpoint.
@@ -37,7 +38,6 @@ def run_on_ray(specs: Sequence, address: str | None = None, cpus_per_run: float 
     except ImportError:
         raise HarnessError("--executor ray needs Ray: pip install 'cil-harness[ray]' (or pip install ray)") from None
     from harness.errors import one_line
-    from harness.runner import execute, failed_outcome
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():

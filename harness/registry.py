@@ -29,34 +29,43 @@ T = TypeVar("T")
 ENTRY_POINT_GROUPS = ("cil_harness.methods", "cil_harness.protocols")
 PLUGIN_ENV = "CIL_HARNESS_PLUGINS"
 IMPORT_ERRORS: list[str] = []  # "<file>: <what went wrong>", one per module that failed to import
-_importing: list[str] = []  # the file being imported now (innermost last): where registrations come from
+_importing: list[tuple[str, str | None]] = []  # (shown name, path) of the file being imported now, innermost last
 
 
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
-        self._sources: dict[str, str] = {}  # name -> file that registered it
+        self._sources: dict[str, str] = {}  # name -> file that registered it, as shown to users
+        self._paths: dict[str, str] = {}  # name -> that file's path (None: not a file of its own)
 
     def register(self, name: str, item: T) -> T:
-        source = _importing[-1] if _importing else "<unknown file>"
+        source, path = _importing[-1] if _importing else ("<unknown file>", None)
         # The same definition imported twice (two copies of a plugin file) is harmless.
         if name in self._items and self._items[name] is not item and self._items[name] != item:
             raise HarnessError(f"{self.kind} '{name}' is registered twice: in {self._sources[name]} and in {source}")
         self._items[name] = item
         self._sources.setdefault(name, source)
+        if path is not None:
+            self._paths.setdefault(name, path)
         return item
 
     def source(self, name: str) -> str:
         return self._sources.get(name, "<unknown file>")
+
+    def path(self, name: str) -> str | None:
+        """The file that registered `name` (None when it was registered from no file of its own)."""
+        return self._paths.get(name)
 
     def get(self, name: str) -> T:
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             broken = f"; these files failed to import: {' | '.join(IMPORT_ERRORS)}" if IMPORT_ERRORS else ""
+            plugin = (f"; a {self.kind} defined in a file of your own needs --plugins FILE"
+                      if self.kind in ("method", "protocol") and not close else "")
             raise HarnessError(
-                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._items)) or 'none'}{broken}"
+                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._items)) or 'none'}{broken}{plugin}"
             )
         return self._items[name]
 
@@ -113,7 +122,8 @@ def _import_package_modules(package: str) -> None:
         if info.name.startswith("_"):
             continue
         file = str(Path(pkg.__path__[0]).name + "/" + info.name + ".py")
-        _importing.append(file)
+        module_path = Path(pkg.__path__[0]) / (info.name + ("/__init__.py" if info.ispkg else ".py"))
+        _importing.append((file, str(module_path.resolve())))
         try:
             importlib.import_module(f"{package}.{info.name}")
         except Exception as exc:  # one broken file must not take the other methods down
@@ -131,7 +141,7 @@ def _import_file(path: Path, tolerant: bool = False) -> None:
         raise HarnessError(f"cannot import plugin file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    _importing.append(str(path))
+    _importing.append((str(path), str(path.resolve())))
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # a user's file: say which one broke
@@ -142,6 +152,14 @@ def _import_file(path: Path, tolerant: bool = False) -> None:
         IMPORT_ERRORS.append(message)
     finally:
         _importing.pop()
+
+
+def _module_file(module: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and spec.has_location else None
 
 
 def load_plugins(paths: Iterable[str | os.PathLike]) -> None:
@@ -172,7 +190,7 @@ def discover(plugin_paths: Iterable[str | os.PathLike] = ()) -> None:
         _import_package_modules("methods")
         for group in ENTRY_POINT_GROUPS:
             for ep in entry_points(group=group):
-                _importing.append(f"entry point {ep.value}")
+                _importing.append((f"entry point {ep.value}", _module_file(ep.module)))
                 try:
                     ep.load()
                 except Exception as exc:

@@ -1,10 +1,10 @@
-"""The run loop: one (method, protocol, seed) run per RunSpec, handed to an executor.
+"""The run loop: one (method, protocol, seed) run per RunSpec.
 
-A run: prepare the protocol's data -> Avalanche stream -> for each experience,
-method.learn() then the harness's evaluation on every seen task -> metrics.csv
-after each task, summary.json at the end. Runs are independent, so a sweep is a
-list of RunSpecs that any executor (sequential, a process pool, Ray: harness.ray_executor)
-can take.
+`execute(spec)` reads top to bottom as the run's phases: plan (label, settings, identity),
+prepare (data, stream, method), restore (a checkpoint, or a new config.json), then for each
+task train, evaluate and checkpoint, then finish (summary.json). Runs are independent, so a
+sweep is a list of RunSpecs that any executor (harness.executors: sequential, a process pool,
+Ray) can take.
 """
 from __future__ import annotations
 
@@ -12,50 +12,26 @@ import logging
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
-from harness import checkpoint, failures, loggers, metrics, results, threads
+from harness import checkpoint, failures, interrupts, loggers, metrics, results, threads
 from harness.errors import HarnessError, RunDiverged, one_line
-from harness.evaluation import Evaluator
+from harness.evaluation import Evaluator, StepScores
 from harness.method import CILMethod, MethodContext
-from harness.params import resolve_params
-from harness.protocol import get_protocol
+from harness.planning import Plan, RunSpec, plan_label, plan_run, stale, stale_line  # noqa: F401 (re-exported)
+from harness.protocol import Protocol, get_protocol
 from harness.registry import METHODS, discover
 from harness.streams import build_benchmark
 
 log = logging.getLogger("harness")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str
-    protocol: str
-    seed: int
-    out: str
-    device: str = "cpu"
-    overrides: tuple[tuple[str | None, str, str], ...] = ()
-    epochs: int | None = None
-    max_train_per_class: int | None = None
-    data_root: str | None = None
-    download: bool = False
-    force: bool = False
-    restart: bool = False  # ignore an existing checkpoint and start the run over
-    quiet: bool = False
-    plugins: tuple[str, ...] = ()
-    threads: int | None = None  # CPU threads; None: follow the idle cores (harness.threads)
-    loggers: tuple[str, ...] = ()  # --logger: tensorboard, wandb, csv (harness.loggers); results do not depend on them
-    fail_fast: bool = False  # a run that raises stops the sweep (else it is recorded and the others go on)
 
 
 @dataclass
@@ -85,9 +61,8 @@ def _refusal(exc: BaseException) -> bool:
 
 def failed_outcome(spec: RunSpec, message: str) -> RunOutcome:
     """A run that failed outside its own process (a worker that died): its folder, no record."""
-    label, protocol_dir, _, _ = plan_label(spec)
-    path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
-    return RunOutcome(spec, "failed", str(path), label, protocol_dir, error=message)
+    plan = plan_run(spec)
+    return RunOutcome(spec, "failed", str(plan.path), plan.label, plan.protocol_dir, error=message)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,237 +85,288 @@ def _prepared(protocol_name: str, data_root: str | None, download: bool, max_tra
     return data_mod.prepare(get_protocol(protocol_name), data_root, download, max_train_per_class)
 
 
-def plan_label(spec: RunSpec) -> tuple[str, str, dict, dict]:
-    """(label, protocol dir, resolved params, changed params) without running anything."""
-    cls = METHODS.get(spec.method)
-    protocol = get_protocol(spec.protocol)
-    # --epochs means every task, the first one included (methods such as iCaRL declare init_epochs)
-    hp, changed = resolve_params(cls, protocol.family, spec.overrides, {"epochs": spec.epochs, "init_epochs": spec.epochs})
-    changed = {k: v for k, v in changed.items() if cls.params[k].affects_results}  # names the row
-    if "init_epochs" in changed and changed.get("epochs") == changed["init_epochs"]:
-        del changed["init_epochs"]  # implied by epochs: keep labels short
-    return (
-        results.run_label(spec.method, changed),
-        results.protocol_dirname(spec.protocol, spec.max_train_per_class),
-        hp,
-        changed,
-    )
-
+# ---- the run ---------------------------------------------------------------------------------
 
 def execute(spec: RunSpec) -> RunOutcome:
     """One run. An exception is the run's failure, not the sweep's: it is recorded in the run's
     folder (harness.failures) and returned as a "failed" outcome, unless spec.fail_fast."""
     try:
         discover(spec.plugins)
-        label, protocol_dir, hp, changed = plan_label(spec)
+        plan = plan_run(spec)
+        _refuse_stale(spec, plan)
     except Exception as exc:
         if spec.fail_fast:
             raise
         return RunOutcome(spec, "failed", "", spec.method, spec.protocol, error=one_line(exc), refused=_refusal(exc))
-    path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
-    if results.is_finished(path) and not spec.force:
-        return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
+    if results.is_finished(plan.path) and not spec.force:
+        return _skipped(spec, plan)
 
     state: dict[str, Any] = {"position": failures.where("setup")}
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with results.run_lock(path) as locked:
+        plan.path.mkdir(parents=True, exist_ok=True)
+        with results.run_lock(plan.path) as locked:
             if not locked:
-                return RunOutcome(spec, "busy", str(path), label, protocol_dir)
+                return RunOutcome(spec, "busy", str(plan.path), plan.label, plan.protocol_dir)
             try:
-                return _execute_locked(spec, label, protocol_dir, hp, changed, path, state)
+                return _run_locked(spec, plan, state)
             except Exception as exc:
-                started = (path / "config.json").exists()
-                record = None
-                if started or not isinstance(exc, HarnessError):  # a refusal before any work leaves nothing
-                    record = failures.write_record(path, exc, state.get("identity", {"label": label,
-                                                   "method": spec.method, "seed": spec.seed}), state["position"])
-                if spec.fail_fast:
-                    raise
-                outcome = RunOutcome(spec, "failed", str(path), label, protocol_dir, error=one_line(exc),
-                                     record=None if record is None else str(record), refused=_refusal(exc))
-                if record is not None:
-                    _say(spec, outcome.failure_line() + "; the other runs go on")
-                return outcome
+                return _failed(spec, plan, state, exc)
     except OSError as exc:  # the run folder or its lock cannot be made
         if spec.fail_fast:
             raise
-        return RunOutcome(spec, "failed", str(path), label, protocol_dir, error=one_line(exc), refused=True)
+        return RunOutcome(spec, "failed", str(plan.path), plan.label, plan.protocol_dir, error=one_line(exc),
+                          refused=True)
 
 
-def _execute_locked(spec: RunSpec, label: str, protocol_dir: str, hp: dict, changed: dict, path: Path,
-                    state: dict[str, Any]) -> RunOutcome:
+def _refuse_stale(spec: RunSpec, plan: Plan) -> None:
+    if spec.force or (spec.restart and not results.is_finished(plan.path)):
+        return
+    changed = stale(plan)
+    if changed:
+        raise HarnessError(stale_line(spec, plan, changed))
+
+
+def _skipped(spec: RunSpec, plan: Plan) -> RunOutcome:
+    return RunOutcome(spec, "skipped", str(plan.path), plan.label, plan.protocol_dir, results.read_summary(plan.path))
+
+
+def _failed(spec: RunSpec, plan: Plan, state: dict, exc: Exception) -> RunOutcome:
+    started = (plan.path / "config.json").exists()
+    record = None
+    if started or not isinstance(exc, HarnessError):  # a refusal before any work leaves nothing
+        record = failures.write_record(plan.path, exc, state.get("identity", {"label": plan.label,
+                                       "method": spec.method, "seed": spec.seed}), state["position"])
+    if spec.fail_fast:
+        raise exc
+    outcome = RunOutcome(spec, "failed", str(plan.path), plan.label, plan.protocol_dir, error=one_line(exc),
+                         record=None if record is None else str(record), refused=_refusal(exc))
+    if record is not None:
+        _say(spec, outcome.failure_line() + "; the other runs go on")
+    return outcome
+
+
+@dataclass
+class _Run:
+    """Everything one run holds while it trains (built by _prepare)."""
+
+    spec: RunSpec
+    plan: Plan
+    protocol: Protocol
+    data: Any
+    device: torch.device
+    identity: dict
+    benchmark: Any = None
+    method: CILMethod | None = None
+    loggers: list = field(default_factory=list)
+    evaluator: Evaluator | None = None
+    saved: dict | None = None  # the checkpoint resumed from
+    first_step: int = 0
+    progress: dict = field(default_factory=dict)
+    progress_bar: Any = None  # tqdm over the tasks
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.plan.path / checkpoint.FILENAME
+
+    @property
+    def zero_shot(self) -> bool:
+        # Methods that can score classes before training on them (GMM names any class) get their
+        # accuracy on each task's test data measured before that task: the zero-shot figure.
+        return type(self.method).zero_shot_scores is not CILMethod.zero_shot_scores
+
+
+def _run_locked(spec: RunSpec, plan: Plan, state: dict[str, Any]) -> RunOutcome:
     if spec.threads is not None:
         threads.fix(spec.threads)
-    if results.is_finished(path) and not spec.force:  # finished while we waited for the lock
-        return RunOutcome(spec, "skipped", str(path), label, protocol_dir, results.read_summary(path))
+    if results.is_finished(plan.path) and not spec.force:  # finished while we waited for the lock
+        return _skipped(spec, plan)
+    run = _prepare(spec, plan, state)
+    _restore_or_start(run)
+    for step, experience in enumerate(run.benchmark.train_stream):
+        if step >= run.first_step:
+            _task(run, step, experience, state)
+    return _finish(run, state)
+
+
+def _prepare(spec: RunSpec, plan: Plan, state: dict[str, Any]) -> _Run:
+    """Data, the checkpoint to resume (checked against the run's identity), stream and method."""
     protocol = get_protocol(spec.protocol)
     device = resolve_device(spec.device)
     data = _prepared(spec.protocol, spec.data_root, spec.download, spec.max_train_per_class)
-    declared = METHODS.get(spec.method).params
-    identity = {"method": spec.method, "label": label, "protocol": protocol.to_dict(),
-                "params": {k: v for k, v in hp.items() if declared[k].affects_results},
-                "seed": spec.seed, "max_train_per_class": spec.max_train_per_class}
-    state["identity"] = {**identity, "protocol": protocol_dir}
-    ckpt_path = path / checkpoint.FILENAME
-    saved = None
-    if ckpt_path.exists() and not (spec.force or spec.restart):
-        saved = checkpoint.load(ckpt_path)
-        if saved["fingerprint"] != checkpoint.fingerprint(identity):
-            raise HarnessError(f"checkpoint {ckpt_path} was written by a different configuration of this run; "
-                               "--restart starts it over")
-
-    first_step = 0 if saved is None else saved["step"] + 1
-    run_loggers = loggers.build(spec.loggers, path, label, spec.seed, first_step, identity)
+    run_identity = {"method": spec.method, "label": plan.label, "protocol": protocol.to_dict(),
+                    "params": plan.params, "seed": spec.seed, "max_train_per_class": spec.max_train_per_class,
+                    "code": plan.code}
+    state["identity"] = {**run_identity, "protocol": plan.protocol_dir}
+    run = _Run(spec, plan, protocol, data, device, run_identity)
+    if run.checkpoint_path.exists() and not (spec.force or spec.restart):
+        run.saved = checkpoint.load(run.checkpoint_path)
+        if run.saved["fingerprint"] != checkpoint.fingerprint(run_identity):
+            raise HarnessError(f"checkpoint {run.checkpoint_path} was written by a different configuration of this "
+                               "run; --restart starts it over")
+        run.first_step = run.saved["step"] + 1
+    run.loggers = loggers.build(spec.loggers, plan.path, plan.label, spec.seed, run.first_step, run_identity)
     seed_everything(spec.seed)
-    benchmark = build_benchmark(data)
-    cls = METHODS.get(spec.method)
+    run.benchmark = build_benchmark(data)
     context = MethodContext(protocol, data.class_names, device, spec.seed, data.in_memory, spec.quiet,
                             images=len(data.train) + len(data.test), data_root=spec.data_root,
-                            evaluator=loggers.evaluation_plugin(run_loggers))
-    method = cls(context=context, hp=hp)
-    state["method"] = method
+                            evaluator=loggers.evaluation_plugin(run.loggers))
+    run.method = METHODS.get(spec.method)(context=context, hp=plan.hp)
+    state["method"] = run.method
+    run.evaluator = Evaluator(run.benchmark.test_stream, data.in_memory, data.task_classes())
+    return run
 
-    (path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
-    progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
-                "wall_time_s": 0.0}
-    if saved is not None:
-        method.restore(saved["method"], list(benchmark.train_stream)[:first_step])
-        progress = saved["progress"]
-        checkpoint.set_rng_state(saved["rng"])
-        _say(spec, f"{label} seed {spec.seed}: resuming after task {first_step}/{protocol.num_tasks} from {ckpt_path}")
+
+def _restore_or_start(run: _Run) -> None:
+    """Resume from the checkpoint (method, progress, RNG) or record the new run's config.json."""
+    spec, plan = run.spec, run.plan
+    (plan.path / "summary.json").unlink(missing_ok=True)  # --force: the old result is no longer valid
+    run.progress = {"matrix": [], "step_accuracy": [], "rows": [], "train_time_s": 0.0, "eval_time_s": 0.0,
+                    "wall_time_s": 0.0}
+    if run.saved is not None:
+        run.method.restore(run.saved["method"], list(run.benchmark.train_stream)[:run.first_step])
+        run.progress = run.saved["progress"]
+        checkpoint.set_rng_state(run.saved["rng"])
+        _say(spec, f"{plan.label} seed {spec.seed}: resuming after task {run.first_step}/{run.protocol.num_tasks} "
+                   f"from {run.checkpoint_path}")
     else:
-        results.write_config(path, {
-            **identity, "protocol": protocol_dir, "protocol_spec": protocol.to_dict(), "changed_params": changed,
-            "device": str(device), "class_names": data.class_names, "train_samples": len(data.train),
-            "test_samples": len(data.test), "command": " ".join(sys.argv), "environment": results.environment(),
-            "method_info": method.run_info(),
+        results.write_config(plan.path, {
+            **run.identity, "protocol": plan.protocol_dir, "protocol_spec": plan.protocol_spec,
+            "changed_params": plan.changed, "settings": plan.hp, "device": str(run.device),
+            "class_names": run.data.class_names, "train_samples": len(run.data.train),
+            "test_samples": len(run.data.test), "command": " ".join(sys.argv), "environment": results.environment(),
+            "method_info": run.method.run_info(),
         })
-
-    evaluator = Evaluator(benchmark.test_stream, data.in_memory, data.task_classes())
-    # Methods that can score classes before training on them (GMM names any class) get their
-    # accuracy on each task's test data measured before that task: the zero-shot figure.
-    zero_shot = type(method).zero_shot_scores is not CILMethod.zero_shot_scores
+    progress = run.progress
     progress.setdefault("zero_shot", [])
-    for key in ("task_il_matrix", "task_il_step_accuracy"):  # absent from checkpoints of older runs
+    for key in ("task_il_matrix", "task_il_step_accuracy", "top5_step_accuracy", "old_accuracy",
+                "new_accuracy"):  # absent from checkpoints of older runs
         progress.setdefault(key, [None] * len(progress["matrix"]))
-    classes_seen = sum(protocol.classes_per_task()[:first_step])
-    wall_before = progress["wall_time_s"]
-    start = time.perf_counter()
-    tasks = tqdm(total=protocol.num_tasks, initial=first_step, desc=f"{label} seed {spec.seed}", disable=spec.quiet,
-                 file=sys.stderr, dynamic_ncols=True)
-    for step, experience in enumerate(benchmark.train_stream):
-        if step < first_step:
-            continue
-        classes_seen += len(experience.classes_in_this_experience)
-        n_threads = threads.follow_load()
-        t_zero = time.perf_counter()
-        state["position"] = failures.where("zero-shot evaluation", step)
-        if zero_shot:
-            zs, n_zs, _ = evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step, classes_seen,
-                                               f"method {method.name} (zero_shot_scores)")
-            progress["zero_shot"].append(zs)
-        t0 = time.perf_counter()
-        state["position"] = failures.where("training", step)
-        try:
-            method.learn(experience)
-        except Exception:
-            state["position"] = failures.where("training", step, method)  # the epoch and step it stopped in
-            raise
-        t1 = time.perf_counter()
-        state["position"] = failures.where("evaluation", step)
-        scores = evaluator.evaluate(method, step, classes_seen)
-        state["position"] = failures.where("results", step)
-        seen_acc = scores.seen
-        t2 = time.perf_counter()
-        progress["train_time_s"] += t1 - t0
-        progress["eval_time_s"] += t2 - t1 + t0 - t_zero
-        progress["wall_time_s"] = wall_before + (t2 - start)
-        progress["matrix"].append(scores.row)
-        progress["step_accuracy"].append(seen_acc)
-        progress["task_il_matrix"].append(scores.task_il_row)
-        progress["task_il_step_accuracy"].append(scores.task_il_seen)
-        timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
-        progress["rows"] += _metric_rows(step, classes_seen, scores, timing)
-        if zero_shot:  # measured before this task's training, on its test data
-            progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
-                                     "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
-        results.write_metrics(path, progress["rows"])
-        loggers.log_task(run_loggers, step, classes_seen, scores, zs if zero_shot else None,
-                         method.clock.total_iterations)
-        # Saved after evaluation: the RNG state is the one the next task starts from.
-        checkpoint.save(ckpt_path, {"fingerprint": checkpoint.fingerprint(identity), "step": step,
-                                    "method": method.checkpoint_state(), "progress": progress,
-                                    "rng": checkpoint.rng_state()})
-        tasks.update(1)
-        tasks.set_postfix(acc=f"{seen_acc:.1f}%")
-        if not spec.quiet:
-            busy = (f", {n_threads} CPU threads: other cores were busy"
-                    if n_threads < threads.usable_cores() and not threads.pinned() else "")
-            tasks.write(f"{label} seed {spec.seed}: task {step + 1}/{protocol.num_tasks} "
-                        f"accuracy on {classes_seen} classes {seen_acc:.1f}% ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval{busy})"
-                        + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zero_shot else ""))
-    tasks.close()
-    state["position"] = failures.where("results")
-    loggers.log_final(run_loggers, progress["matrix"], protocol_dir, label, method.clock.total_iterations)
-    loggers.close(run_loggers)
+    progress["wall_before"] = progress["wall_time_s"]
+    progress["started"] = time.perf_counter()
+    run.progress_bar = tqdm(total=run.protocol.num_tasks, initial=run.first_step, desc=f"{plan.label} seed {spec.seed}",
+                            disable=spec.quiet, file=sys.stderr, dynamic_ncols=True)
 
+
+def _task(run: _Run, step: int, experience, state: dict[str, Any]) -> None:
+    """One task: zero-shot score (where the method has one), train, evaluate, checkpoint."""
+    method, progress = run.method, run.progress
+    classes_seen = sum(run.protocol.classes_per_task()[:step + 1])
+    n_threads = threads.follow_load()
+    t_zero = time.perf_counter()
+    zs, n_zs = None, 0
+    state["position"] = failures.where("zero-shot evaluation", step)
+    if run.zero_shot:
+        zs, n_zs, _ = run.evaluator.task_accuracy(lambda x: method.zero_shot_scores(x, classes_seen), step,
+                                                  classes_seen, f"method {method.name} (zero_shot_scores)")
+        progress["zero_shot"].append(zs)
+    t0 = time.perf_counter()
+    state["position"] = failures.where("training", step)
+    try:
+        method.learn(experience)
+    except Exception:
+        state["position"] = failures.where("training", step, method)  # the epoch and step it stopped in
+        raise
+    t1 = time.perf_counter()
+    state["position"] = failures.where("evaluation", step)
+    scores = run.evaluator.evaluate(method, step, classes_seen)
+    state["position"] = failures.where("results", step)
+    t2 = time.perf_counter()
+    _record(run, step, classes_seen, scores, t0, t1, t2, t_zero, zs, n_zs)
+    # Saved after evaluation: the RNG state is the one the next task starts from.
+    checkpoint.save(run.checkpoint_path, {"fingerprint": checkpoint.fingerprint(run.identity), "step": step,
+                                          "method": method.checkpoint_state(), "progress": _saved(progress),
+                                          "rng": checkpoint.rng_state()})
+    _report_task(run, step, classes_seen, scores, t1 - t0, t2 - t1, n_threads, zs)
+    interrupts.check()  # a Ctrl-C swallowed during the task stops here, the task checkpointed
+
+
+def _record(run: _Run, step: int, classes_seen: int, scores: StepScores, t0: float, t1: float, t2: float,
+            t_zero: float, zs: float | None, n_zs: int) -> None:
+    """The task's figures into the run's progress, metrics.csv and loggers."""
+    progress = run.progress
+    progress["train_time_s"] += t1 - t0
+    progress["eval_time_s"] += t2 - t1 + t0 - t_zero
+    progress["wall_time_s"] = progress["wall_before"] + (t2 - progress["started"])
+    progress["matrix"].append(scores.row)
+    progress["step_accuracy"].append(scores.seen)
+    progress["task_il_matrix"].append(scores.task_il_row)
+    progress["task_il_step_accuracy"].append(scores.task_il_seen)
+    progress["top5_step_accuracy"].append(scores.top5_seen)
+    progress["old_accuracy"].append(scores.old)
+    progress["new_accuracy"].append(scores.new)
+    timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
+    progress["rows"] += _metric_rows(step, classes_seen, scores, timing)
+    if zs is not None:  # measured before this task's training, on its test data
+        progress["rows"].append({"step": step, "classes_seen": classes_seen, "scope": "zero_shot",
+                                 "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
+    results.write_metrics(run.plan.path, progress["rows"])
+    loggers.log_task(run.loggers, step, classes_seen, scores, zs, run.method.clock.total_iterations)
+
+
+def _saved(progress: dict) -> dict:
+    """The progress a checkpoint keeps (not this process's clock)."""
+    return {k: v for k, v in progress.items() if k not in ("wall_before", "started")}
+
+
+def _report_task(run: _Run, step: int, classes_seen: int, scores: StepScores, train_s: float, eval_s: float,
+                 n_threads: int, zs: float | None) -> None:
+    spec, bar = run.spec, run.progress_bar
+    bar.update(1)
+    bar.set_postfix(acc=f"{scores.seen:.1f}%")
+    if spec.quiet:
+        return
+    busy = (f", {n_threads} CPU threads: other cores were busy"
+            if n_threads < threads.usable_cores() and not threads.pinned() else "")
+    bar.write(f"{run.plan.label} seed {spec.seed}: task {step + 1}/{run.protocol.num_tasks} "
+              f"accuracy on {classes_seen} classes {scores.seen:.1f}% ({train_s:.1f}s train, {eval_s:.1f}s eval{busy})"
+              + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zs is not None else ""))
+
+
+def _finish(run: _Run, state: dict[str, Any]) -> RunOutcome:
+    """summary.json: the run's figures, time and memory; the run is finished once it exists."""
+    spec, plan, method, progress, protocol = run.spec, run.plan, run.method, run.progress, run.protocol
+    run.progress_bar.close()
+    state["position"] = failures.where("results")
+    loggers.log_final(run.loggers, progress["matrix"], plan.protocol_dir, plan.label, method.clock.total_iterations)
+    loggers.close(run.loggers)
     exemplars, memory_bytes = method.memory_usage()
     summary = {
-        "protocol": protocol_dir, "method": spec.method, "label": label, "seed": spec.seed,
+        "protocol": plan.protocol_dir, "method": spec.method, "label": plan.label, "seed": spec.seed,
         "num_tasks": protocol.num_tasks, "classes_per_task": protocol.classes_per_task(),
         "classes_seen": list(np.cumsum(protocol.classes_per_task()).tolist()),
         **metrics.summarise(progress["matrix"], progress["step_accuracy"]),
         "wall_time_s": progress["wall_time_s"], "train_time_s": progress["train_time_s"],
         "eval_time_s": progress["eval_time_s"], "trainable_params": method.trainable_parameters(),
-        "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes), "resumed": saved is not None,
+        "memory_exemplars": int(exemplars), "memory_bytes": int(memory_bytes), "resumed": run.saved is not None,
     }
-    if zero_shot:
+    if run.zero_shot:
         summary["zero_shot_accuracy"] = progress["zero_shot"]
     if None not in progress["task_il_step_accuracy"]:  # a run resumed from before Task-IL has no full record
         summary.update(metrics.summarise_task_il(progress["task_il_matrix"], progress["task_il_step_accuracy"]))
-    results.write_summary(path, summary)
-    failures.clear_record(path)  # an earlier failure of this run is history now
-    return RunOutcome(spec, "done", str(path), label, protocol_dir, summary)
+    if None not in progress["top5_step_accuracy"]:  # likewise for the optional columns
+        summary.update(metrics.summarise_old_new_top5(progress["old_accuracy"], progress["new_accuracy"],
+                                                      progress["top5_step_accuracy"]))
+    results.write_summary(plan.path, summary)
+    failures.clear_record(plan.path)  # an earlier failure of this run is history now
+    return RunOutcome(spec, "done", str(plan.path), plan.label, plan.protocol_dir, summary)
 
 
-def _metric_rows(step: int, classes_seen: int, scores, timing: dict) -> list[dict[str, Any]]:
+def _metric_rows(step: int, classes_seen: int, scores: StepScores, timing: dict) -> list[dict[str, Any]]:
     """metrics.csv rows of one evaluation: per task then pooled, Class-IL ("task", "seen")
-    then Task-IL ("task_il", "task_il_seen")."""
+    then Task-IL ("task_il", "task_il_seen"), then Class-IL top-5 ("top5_seen")."""
     rows: list[dict[str, Any]] = []
+    base = {"step": step, "classes_seen": classes_seen}
     for scope, pooled_scope, per_task, pooled in (("task", "seen", scores.row, scores.seen),
                                                   ("task_il", "task_il_seen", scores.task_il_row, scores.task_il_seen)):
-        base = {"step": step, "classes_seen": classes_seen}
         rows += [{**base, "scope": scope, "eval_task": i, "n_samples": n, "accuracy": round(acc, 4), **timing}
                  for i, (acc, n) in enumerate(zip(per_task, scores.sizes))]
         rows.append({**base, "scope": pooled_scope, "eval_task": "", "n_samples": sum(scores.sizes),
                      "accuracy": round(pooled, 4), **timing})
+    rows.append({**base, "scope": "top5_seen", "eval_task": "", "n_samples": sum(scores.sizes),
+                 "accuracy": round(scores.top5_seen, 4), **timing})
     return rows
 
 
 def _say(spec: RunSpec, text: str) -> None:
     if not spec.quiet:
         print(text, file=sys.stderr, flush=True)
-
-
-def run_all(specs: Sequence[RunSpec], workers: int = 1, executor: str = "local", ray_address: str | None = None,
-            cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[RunOutcome]:
-    """Execute runs sequentially, in a pool of processes when workers > 1, or as Ray tasks."""
-    if executor == "ray":
-        from harness.ray_executor import run_on_ray
-
-        return run_on_ray(specs, ray_address, cpus_per_run, gpus_per_run)
-    if workers <= 1:
-        return [execute(s) for s in specs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(execute, s) for s in specs]
-        outcomes = []
-        for spec, future in zip(specs, futures):
-            try:
-                outcomes.append(future.result())
-            except BrokenProcessPool as exc:  # a worker was killed (signal, out of memory): the pool is gone
-                if spec.fail_fast:
-                    raise
-                outcomes.append(failed_outcome(spec, f"a worker process died during the sweep ({exc}); "
-                                                     "every finished task is checkpointed: the same command resumes"))
-        return outcomes

@@ -26,16 +26,16 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from harness.errors import HarnessError
-from harness.nn.vlm.image_encoders import tower_pixels, tower_resize
-from harness.nn.vlm.model import ChatFormat, ProcessorChat, VisionLanguageModel, processor_chat
+from harness.nn.vlm.image_encoders import HFVisionTokens, tower_pixels, tower_resize
+from harness.nn.vlm.model import LLAVA, ChatFormat, ProcessorChat, VisionLanguageModel, processor_chat
 from harness.nn.vlm.text_encoders import minilm_text_encoder
-from harness.nn.vlm.tokenizers import HFTokenizer
+from harness.nn.vlm.tokenizers import ByteTokenizer, HFTokenizer
 
 UNSUPPORTED = {
     "mllama": "its image enters through cross-attention layers, not as tokens of the LM's sequence",
@@ -63,8 +63,6 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
     _check_family(kind, name)
     text_encoder = text_encoder or minilm_text_encoder()
     if kind == "llava":
-        from harness.nn.vlm.stacks import hf_llava_stack
-
         return hf_llava_stack(model, tokenizer=tokenizer, text_encoder=text_encoder, image_size=image_size,
                               processor=processor)
     build = {"blip-2": _qformer_stack, "instructblip": _qformer_stack, "paligemma": _paligemma_stack,
@@ -72,6 +70,51 @@ def hf_vlm_stack(name_or_model, processor=None, tokenizer=None, text_encoder: Ca
              "llava_next": _llava_next_stack}.get(kind, _idefics3_stack)
     vlm = build(model, processor, tokenizer, text_encoder, image_size, name)
     vlm.proj.requires_grad_(True)
+    return vlm
+
+
+def hf_llava_stack(name_or_model, tokenizer=None, text_encoder: Callable | None = None,
+                   image_size: int | None = None, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, processor=None) -> VisionLanguageModel:
+    """A LLaVA model of transformers (by hub name, or an instance) as a stack.
+
+    As GMM trains only MiniGPT-4's projection, only LLaVA's multimodal projector trains, in
+    float32 whatever the dtype of the rest (in bf16, an AdamW step at the paper's lr 3e-6
+    rounds away: under 4% of a projector's weights changed at all in 50 steps). With a
+    processor (always when loaded by name) the prompt is the processor's own chat template
+    and tokenisation (ProcessorChat); without one, llava-1.5's "USER: <image>\\n<question>
+    ASSISTANT:" format.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if isinstance(name_or_model, str):
+        name = name_or_model
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+        processor = processor or AutoProcessor.from_pretrained(name, trust_remote_code=False)
+    else:
+        model, name = name_or_model, "custom-llava"
+    if processor is not None:
+        tokenizer = tokenizer or HFTokenizer(processor.tokenizer)
+        ip = processor.image_processor
+        size = ip.crop_size if getattr(ip, "crop_size", None) else ip.size
+        image_size = image_size or (size["height"] if "height" in size else size["shortest_edge"])
+        mean, std = mean or ip.image_mean, std or ip.image_std
+    cfg = model.config
+    image_size = image_size or cfg.vision_config.image_size
+    mean = mean or (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics, llava-1.5's default
+    std = std or (0.26862954, 0.26130258, 0.27577711)
+    encoder = HFVisionTokens(model.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy,
+                             image_size, mean, std, name)
+    if processor is not None:
+        chat = processor_chat(processor)
+    else:
+        end = "<|im_end|>" if isinstance(tokenizer, ByteTokenizer) else "</s>"
+        chat = ChatFormat(LLAVA.template, end, LLAVA.answer_lead)
+    projector = model.model.multi_modal_projector.float()
+    vlm = VisionLanguageModel(encoder, projector, model, tokenizer, text_encoder or minilm_text_encoder(), chat,
+                              "hf_llava")
+    vlm.proj.requires_grad_(True)  # it lives inside lm, which the constructor froze first
     return vlm
 
 
