@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
+from harness import interrupts
 from harness.errors import HarnessError
 
 # The embedded default: bounds, a classic and the flagship on the 2-task QuickDraw stream.
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ray: every run a Ray task, on a local Ray or the cluster at --ray-address")
     run.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default $RAY_ADDRESS, else a "
                      "local Ray started for this command)")
-    run.add_argument("--cpus-per-run", type=_positive, default=1, metavar="N", help="with --executor ray (default 1)")
+    run.add_argument("--cpus-per-run", type=_positive, default=1, metavar="N", help="CPUs each Ray task asks for, with --executor ray")
     run.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G", help="with --executor ray (default 0)")
     run.add_argument("--logger", nargs="+", default=[], choices=("tensorboard", "wandb", "csv"), metavar="L",
                      help="also log loss curves, per-task accuracy and the final matrix to tensorboard, wandb "
@@ -99,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, metavar="N",
                      help="CPU threads per run (default: the cores idle before each task, so other "
                           "processes on the machine do not stall it; fix N to repeat a run bit for bit)")
+    run.add_argument("--columns", nargs="+", default=[], choices=("old_new", "top5"), metavar="C",
+                        help="optional table columns: old_new (Last on the classes of earlier tasks and of the "
+                             "last task, as PyCIL prints them), top5 (Class-IL top-5 Avg and Last)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     run.add_argument("--fail-fast", action="store_true",
                      help="stop the sweep at the first run that raises, with its traceback (default: record the "
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--protocol", metavar="P", help="with a method: the values its settings resolve to on P")
     ls.add_argument("--data-root", metavar="DIR", help="where datasets live (default $CIL_DATA or "
                     "~/.cache/cil-harness/data)")
+    ls.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
+                    help="a method/protocol file or folder to import (repeatable)")
 
     check = sub.add_parser("check", help="run a method straight, twice, and killed-and-resumed on a tiny "
                                          "protocol; check matrices, score shapes and memory budget",
@@ -146,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "sessions, figures and HTML page, as `run` does, without training or retrying failed runs")
     report.add_argument("--experiment", metavar="FILE", help="order and name the rows as this experiment file "
                         "lists them")
+    report.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
+                        help="a method/protocol file or folder to import (repeatable): the methods an experiment "
+                             "file names")
+    report.add_argument("--columns", nargs="+", default=[], choices=("old_new", "top5"), metavar="C",
+                        help="optional table columns: old_new (Last on the classes of earlier tasks and of the "
+                             "last task, as PyCIL prints them), top5 (Class-IL top-5 Avg and Last)")
+    report.add_argument("--best", metavar="METRIC", choices=("avg", "last", "forgetting", "task_il_avg",
+                                                               "task_il_last", "top5_last"),
+                        help="rank each method's rows by METRIC (avg, last, forgetting, task_il_avg, task_il_last, "
+                             "top5_last; mean over seeds) and print the best one's settings as an experiment-file "
+                             "row: for choosing settings on a development protocol")
     report.add_argument("--sessions", action="store_true",
                         help="the accuracy after each task (session) and PD = A_1 - A_T, as few-shot CIL papers "
                              "print it (md, latex or csv; every run also writes sessions.md and sessions.csv)")
@@ -164,15 +179,15 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def _sweep_rows(args) -> list[dict]:
-    """The sweep's rows (methods, protocol, overrides, seeds, epochs, max_train_per_class, name),
-    from the command line or from --experiment."""
+    """The sweep's rows (methods, protocol, overrides, seeds, epochs, max_train_per_class, name,
+    where), from the command line or from --experiment, before grids are expanded."""
     from harness.params import parse_set_options
 
     if args.experiment is None:
         return [{"methods": args.methods or list(DEFAULT_METHODS), "protocol": args.protocol or DEFAULT_PROTOCOL,
                  "overrides": parse_set_options([item for group in args.sets for item in group]),
                  "seeds": args.seeds or [0], "epochs": args.epochs,
-                 "max_train_per_class": args.max_train_per_class, "name": None}]
+                 "max_train_per_class": args.max_train_per_class, "name": None, "where": ""}]
     from harness.experiment import load_experiment
 
     given = [flag for flag, value in (("--methods", args.methods), ("--protocol", args.protocol),
@@ -186,47 +201,68 @@ def _sweep_rows(args) -> list[dict]:
     for row in experiment.rows:
         for key in ("epochs", "max_train_per_class"):
             if getattr(row, key) is not None and getattr(args, key) is not None:
-                raise HarnessError(f"--{key.replace('_', '-')} and the experiment file's {key} (row of "
-                                   f"{', '.join(row.methods)}) both set it: give one of them")
-        rows.append({"methods": row.methods, "protocol": row.protocol, "overrides": parse_set_options(row.sets),
+                raise HarnessError(f"--{key.replace('_', '-')} and the experiment file's {key} ({row.where}) both "
+                                   "set it: give one of them")
+        rows.append({"methods": row.methods, "protocol": row.protocol,
+                     "overrides": _in_row(row.where, parse_set_options, row.sets),
                      "seeds": row.seeds, "epochs": row.epochs if row.epochs is not None else args.epochs,
                      "max_train_per_class": row.max_train_per_class if row.max_train_per_class is not None
-                     else args.max_train_per_class, "name": row.name})
+                     else args.max_train_per_class, "name": row.name, "where": row.where})
     return rows
 
 
+def _in_row(where: str, fn, *args):
+    """fn(*args), its one-line error prefixed with the experiment file and row it is about."""
+    try:
+        return fn(*args)
+    except HarnessError as exc:
+        if not where:
+            raise
+        raise HarnessError(f"{where}: {exc}") from None
+
+
+def _grid_rows(row: dict, classes: dict) -> list[dict]:
+    """A row whose settings list several values: one row per combination, named by its values."""
+    from harness.params import expand_grid
+
+    combos = _in_row(row["where"], expand_grid, row["overrides"], classes)
+    values = [{(m, k): v for m, k, v in combo} for combo in combos]
+    swept = [key for key in values[0] if len({v[key] for v in values}) > 1]
+    out = []
+    for combo, chosen in zip(combos, values):
+        name = row["name"]
+        if name and swept:  # the file's name, then the values that tell the combinations apart
+            name = f"{name} ({', '.join(f'{k}={chosen[(m, k)]}' for m, k in swept)})"
+        out.append({**row, "overrides": combo, "name": name})
+    return out
+
+
 def cmd_run(args) -> int:
-    from harness import data as data_mod
+    from harness import catalog as catalog_mod
     from harness import results
     from harness.params import validate_set_options
-    from harness.protocol import get_protocol
-    from harness.registry import IMPORT_ERRORS, METHODS
-    from harness.report import collect_runs, render, write_report
-    from harness.plots import write_figures
-    from harness.runner import RunSpec, plan_label, resolve_device, run_all
+    from harness.planning import RunSpec, plan_run, stale, stale_line
 
-    # Everything the user typed (or the experiment file lists) is checked before any work or any write.
-    rows = _sweep_rows(args)
+    # Everything the user typed (or the experiment file lists) is checked before any work or any
+    # write, from the catalogue: a typo answers in a moment, without importing torch.
+    plugins = args.plugins + args.run_plugins
+    catalog = catalog_mod.load(plugins)
+    rows = []
+    for row in _sweep_rows(args):
+        row["classes"] = _in_row(row["where"], lambda: {m: catalog.methods.get(m)
+                                                        for m in dict.fromkeys(row["methods"])})
+        _in_row(row["where"], catalog.protocols.get, row["protocol"])
+        for expanded in _grid_rows(row, row["classes"]):  # a grid: one row per combination
+            _in_row(row["where"], validate_set_options, expanded["overrides"], row["classes"])
+            if row["epochs"] is not None:  # two sources of one setting: say which wins instead of picking one
+                clash = next((o for o in expanded["overrides"] if o[1] in ("epochs", "init_epochs")), None)
+                if clash is not None:
+                    raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs "
+                                       f"{row['epochs']} both set the epochs: give one of them")
+            rows.append(expanded)
     args.out = args.out or DEFAULT_OUT
-    for failure in IMPORT_ERRORS:  # files that define none of the chosen methods
+    for failure in catalog.import_errors:  # files that define none of the chosen methods
         _say(args.quiet, f"warning: {failure}")
-    for row in rows:
-        row["classes"] = {name: METHODS.get(name) for name in dict.fromkeys(row["methods"])}
-        get_protocol(row["protocol"])
-        validate_set_options(row["overrides"], row["classes"])
-        if row["epochs"] is not None:  # two sources of one setting: say which wins instead of picking one
-            clash = next((o for o in row["overrides"] if o[1] in ("epochs", "init_epochs")), None)
-            if clash is not None:
-                raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs "
-                                   f"{row['epochs']} both set the epochs: give one of them")
-    resolve_device(args.device)
-    results.check_output_dir(Path(args.out))
-    from harness.loggers import check_available
-
-    check_available(args.logger)  # a missing package: one line before any work
-    for protocol_name in dict.fromkeys(row["protocol"] for row in rows):  # missing data -> one line, exit 2
-        data_mod.load_splits(get_protocol(protocol_name), args.data_root, args.download)
-
     n_threads = args.threads
     parallel = args.workers > 1 or args.executor == "ray"
     if n_threads is None and args.executor == "ray":  # a Ray task has the CPUs it asked for
@@ -235,7 +271,7 @@ def cmd_run(args) -> int:
         from harness.threads import usable_cores
 
         n_threads = max(1, usable_cores() // args.workers)
-    specs, names, order = [], {}, []
+    specs, plans, names, order = [], [], {}, []
     for row in rows:
         for m in row["classes"]:
             for s in row["seeds"]:
@@ -245,20 +281,46 @@ def cmd_run(args) -> int:
                                download=args.download, force=args.force, restart=args.restart,
                                quiet=args.quiet or parallel, plugins=tuple(args.plugins + args.run_plugins),
                                threads=n_threads, loggers=tuple(args.logger), fail_fast=args.fail_fast)
+                plan = _in_row(row["where"], plan_run, spec, catalog)
                 if spec not in specs:
                     specs.append(spec)
-                label, protocol_dir, _, _ = plan_label(spec)
-                if (protocol_dir, label) not in order:
-                    order.append((protocol_dir, label))
+                    plans.append(plan)
+                if (plan.protocol_dir, plan.label) not in order:
+                    order.append((plan.protocol_dir, plan.label))
                 if row["name"]:
-                    names[(protocol_dir, label)] = row["name"]
-    for spec in specs:
-        label, protocol_dir, _, _ = plan_label(spec)
-        path = results.run_dir(Path(spec.out), protocol_dir, label, spec.seed)
-        if results.is_finished(path) and not spec.force:
-            _say(args.quiet, f"skip {label} seed {spec.seed}: finished in {path} (--force reruns it)")
+                    names[(plan.protocol_dir, plan.label)] = row["name"]
+    # A run made with other settings or code is never reused silently: refused, before any work.
+    refusals = [stale_line(spec, plan, changed) for spec, plan in zip(specs, plans)
+                if not spec.force and not (spec.restart and not results.is_finished(plan.path))
+                and (changed := stale(plan))]
+    if refusals:
+        for line in refusals:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+    # The input is sound: now the heavy imports, then what needs them.
+    from harness import data as data_mod
+    from harness.executors import run_all
+    from harness.loggers import check_available
+    from harness.plots import write_figures
+    from harness.protocol import get_protocol
+    from harness.registry import discover
+    from harness.html_report import render, write_report
+    from harness.report import collect_runs
+    from harness.runner import resolve_device
+
+    discover(plugins)
+    resolve_device(args.device)
+    results.check_output_dir(Path(args.out))
+    check_available(args.logger)  # a missing package: one line before any work
+    for protocol_name in dict.fromkeys(row["protocol"] for row in rows):  # missing data -> one line, exit 2
+        data_mod.load_splits(get_protocol(protocol_name), args.data_root, args.download)
+    for spec, plan in zip(specs, plans):
+        if results.is_finished(plan.path) and not spec.force:
+            _say(args.quiet, f"skip {plan.label} seed {spec.seed}: finished in {plan.path} (--force reruns it)")
     outcomes = run_all(specs, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
                        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+    interrupts.check()  # a Ctrl-C swallowed in the last run: no table, exit 130
 
     failed = [o for o in outcomes if o.status == "failed"]
     for o in outcomes:
@@ -278,12 +340,12 @@ def cmd_run(args) -> int:
                 runs.attrs["names"] = {label: name for (p, label), name in names.items() if p == protocol_dir}
             embedded: list = []  # each figure drawn once: files, then the page
             figure_paths = write_figures(runs, table_dir / "plots", embedded)
-            written = write_report(runs, table_dir, embedded=embedded) + figure_paths
+            written = write_report(runs, table_dir, embedded=embedded, columns=tuple(args.columns)) + figure_paths
         except KeyboardInterrupt:
             print(f"interrupted while writing the table and figures of {table_dir}: every run is finished; "
                   "the same command writes them again without training", file=sys.stderr)
             return 130
-        print(render(runs, "md"), end="")
+        print(render(runs, "md", columns=tuple(args.columns)), end="")
         _say(args.quiet, f"\nresults: {table_dir}")
         _say(args.quiet, "tables and figures:\n" + "\n".join(f"  {p}" for p in written))
     if not tabulated and not failed:
@@ -298,19 +360,16 @@ def cmd_run(args) -> int:
     return 2 if all(o.refused for o in failed) else 1
 
 
-def _show_method(name: str, protocol_name: str | None = None) -> None:
+def _show_method(catalog, name: str, protocol_name: str | None = None) -> None:
     import textwrap
 
     from harness.params import resolve_params
-    from harness.registry import METHODS
 
-    cls = METHODS.get(name)
+    cls = catalog.methods.get(name)
     resolved = None
     if protocol_name:
-        from harness.protocol import get_protocol
-
-        resolved, _ = resolve_params(cls, get_protocol(protocol_name).family, (), {})
-    print(f"{name}: {cls.description}\n  defined in {METHODS.source(name)}\n\nsettings (--set {name}.KEY=VALUE)"
+        resolved, _ = resolve_params(cls, catalog.protocols.get(protocol_name).family, (), {})
+    print(f"{name}: {cls.description}\n  defined in {catalog.methods.source(name)}\n\nsettings (--set {name}.KEY=VALUE)"
           + (f", with the values they take on {protocol_name}:" if resolved else ":"))
     rows = []
     for key, param in sorted(cls.params.items()):
@@ -361,47 +420,49 @@ def _show_protocol(name: str, data_root: str | None) -> None:
 
 
 def cmd_list(args) -> int:
-    from harness import data as data_mod
-    from harness.errors import DataMissing
-    from harness.registry import IMPORT_ERRORS, METHODS, PROTOCOLS
+    from harness import catalog as catalog_mod
 
+    plugins = args.plugins + args.run_plugins
     if args.method:
-        if args.method in PROTOCOLS.names() and args.method not in METHODS.names():
+        catalog = catalog_mod.load(plugins)
+        if args.method in catalog.protocols and args.method not in catalog.methods:
+            from harness.registry import discover
+
+            discover(plugins)  # the class order comes from the dataset itself
             _show_protocol(args.method, args.data_root)
         else:
-            _show_method(args.method, args.protocol)
+            _show_method(catalog, args.method, args.protocol)
         return 0
+    catalog = catalog_mod.load(plugins, args.data_root, with_data=True)
     print("methods:")
-    for name in METHODS.names():
-        print(f"  {name:<16} {METHODS.get(name).description}")
-    from harness.cil.avalanche_strategies import NOT_OFFERED
-    if NOT_OFFERED:
+    for name in catalog.methods.names():
+        print(f"  {name:<16} {catalog.methods.get(name).description}")
+    if catalog.not_offered:
         print("\nAvalanche strategies not offered:")
-        for name, why in sorted(NOT_OFFERED.items()):
+        for name, why in sorted(catalog.not_offered.items()):
             print(f"  {name:<19} {why}")
     print("\nprotocols:")
-    present: dict[str, str] = {}
-    for name in PROTOCOLS.names():
-        p = PROTOCOLS.get(name)
-        if p.dataset not in present:
-            try:
-                data_mod.load_splits(p, args.data_root)
-                present[p.dataset] = "data present"
-            except DataMissing:
-                present[p.dataset] = "data missing"
-        print(f"  {name:<22} {p.shape:<44} {present[p.dataset]}")
-    for failure in IMPORT_ERRORS:
+    for name in catalog.protocols.names():
+        p = catalog.protocols.get(name)
+        present = catalog.datasets.get(p.dataset, {}).get("present")
+        print(f"  {name:<22} {p.shape:<44} {'data present' if present else 'data missing'}")
+    for failure in catalog.import_errors:
         print(f"error: {failure}", file=sys.stderr)
-    return 2 if IMPORT_ERRORS else 0
+    return 2 if catalog.import_errors else 0
 
 
 def cmd_check(args) -> int:
-    from harness.check import check_method, report
+    from harness import catalog as catalog_mod
     from harness.params import parse_set_options, validate_set_options
-    from harness.registry import METHODS
 
+    catalog = catalog_mod.load(args.plugins + args.run_plugins)
     overrides = parse_set_options([item for group in args.sets for item in group])
-    validate_set_options(overrides, {args.method: METHODS.get(args.method)})
+    validate_set_options(overrides, {args.method: catalog.methods.get(args.method)})
+    catalog.protocols.get(args.protocol)
+    from harness.check import check_method, report
+    from harness.registry import discover
+
+    discover(args.plugins + args.run_plugins)
     checks = check_method(args.method, args.protocol, overrides, args.plugins + args.run_plugins, args.epochs,
                           args.max_train_per_class)
     print(report(args.method, args.protocol, checks))
@@ -409,28 +470,20 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness.report import collect_runs, render
+    from harness.html_report import render
+    from harness.report import collect_runs
 
     runs = collect_runs([Path(d) for d in args.dirs])
-    if args.experiment:
-        from harness.experiment import load_experiment
-        from harness.params import parse_set_options
-        from harness.runner import RunSpec, plan_label
+    if args.best:
+        from harness.selection import render_best
 
-        order, names = [], {}
-        for row in load_experiment(args.experiment).rows:
-            for m in row.methods:
-                spec = RunSpec(method=m, protocol=row.protocol, seed=0, out=".", epochs=row.epochs,
-                               overrides=tuple(parse_set_options(row.sets)),
-                               max_train_per_class=row.max_train_per_class)
-                label = plan_label(spec)[0]
-                order.append(label)
-                if row.name:
-                    names[label] = row.name
-        runs.attrs["order"], runs.attrs["names"] = order, names
+        print(render_best(runs, args.best), end="")
+        return 0
+    if args.experiment:
+        runs.attrs["order"], runs.attrs["names"] = _experiment_order(args.experiment, args.plugins + args.run_plugins)
     if args.write:  # the files `run` writes, from the runs already there: nothing trains
         from harness.plots import write_figures
-        from harness.report import write_report
+        from harness.html_report import write_report
 
         if len(args.dirs) != 1:
             print("error: --write takes one results folder (the protocol's, e.g. results/quickdraw20_2x10)",
@@ -439,10 +492,33 @@ def cmd_report(args) -> int:
         embedded: list = []
         out_dir = Path(args.dirs[0])
         figures = write_figures(runs, out_dir / "plots", embedded)  # first: the page embeds them
-        written = write_report(runs, out_dir, embedded=embedded) + figures
+        written = write_report(runs, out_dir, embedded=embedded, columns=tuple(args.columns)) + figures
         print("\n".join(str(p) for p in written), file=sys.stderr)
-    print(render(runs, args.format, sessions=args.sessions), end="")
+    print(render(runs, args.format, sessions=args.sessions, columns=tuple(args.columns)), end="")
     return 0
+
+
+def _experiment_order(path: str, plugins: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The labels an experiment file's rows (grids expanded) run as, in order, and their names."""
+    from harness import catalog as catalog_mod
+    from harness.experiment import load_experiment
+    from harness.params import parse_set_options
+    from harness.planning import RunSpec, plan_run
+
+    catalog = catalog_mod.load(plugins)
+    order, names = [], {}
+    for row in load_experiment(path).rows:
+        classes = _in_row(row.where, lambda: {m: catalog.methods.get(m) for m in row.methods})
+        base = {"overrides": _in_row(row.where, parse_set_options, row.sets), "name": row.name, "where": row.where}
+        for expanded in _grid_rows(base, classes):
+            for m in classes:
+                spec = RunSpec(method=m, protocol=row.protocol, seed=0, out=".", epochs=row.epochs,
+                               overrides=tuple(expanded["overrides"]), max_train_per_class=row.max_train_per_class)
+                label = _in_row(row.where, plan_run, spec, catalog).label
+                order.append(label)
+                if expanded["name"]:
+                    names[label] = expanded["name"]
+    return order, names
 
 
 def cmd_plot(args) -> int:
@@ -455,18 +531,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # a pre-empted job (SIGTERM) stops like Ctrl-C
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupts.install()  # Ctrl-C and SIGTERM stop the sweep even where a callback swallows them
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    if not hasattr(args, "run_plugins"):
+        args.run_plugins = []
     try:
-        from harness.registry import discover
-
-        discover(args.plugins + getattr(args, "run_plugins", []))
+        # No import of the methods here: each command imports what it needs, when it needs it
+        # (list and the checks of run's input read the catalogue: harness.catalog).
         return {"run": cmd_run, "list": cmd_list, "check": cmd_check, "report": cmd_report,
                 "plot": cmd_plot}[args.command](args)
     except HarnessError as exc:

@@ -5,7 +5,7 @@
 ```toml
 protocol = "quickdraw100_10x10"   # default of every row
 seeds = [0]                        # default of every row
-out = "results/reference"          # optional: the results folder (--out wins when given)
+out = "../results"                 # optional: the results folder, relative to this file (--out wins)
 
 [[row]]
 methods = ["finetune", "joint", "icarl"]
@@ -15,11 +15,16 @@ seeds = [0, 1]
 methods = ["gmm"]
 set = ["gmm.epochs=1", "gmm.memory=2000"]
 name = "gmm, 2,000 exemplars"      # optional: how the table names this row
+
+[[row]]                            # a grid: one row per combination (2 x 3 here)
+methods = ["icarl"]
+set = ["icarl.lr=0.05,0.1"]        # comma-separated values of a number, flag or choice
+grid = {"icarl.milestones" = ["30,60", "40,70", "50,80"]}   # any setting: a list of values
 ```
 
 Each row goes through exactly what `run --methods ... --set ...` does (checks, skip finished,
-resume, any executor); the tables list the rows in the file's order, under their names.
-Read with the standard library's tomllib.
+resume, any executor; a grid expands to its combinations as ordinary rows); the tables list
+the rows in the file's order, under their names. Read with the standard library's tomllib.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 
-_ROW_KEYS = {"methods", "method", "set", "seeds", "protocol", "name", "epochs", "max_train_per_class"}
+_ROW_KEYS = {"methods", "method", "set", "grid", "seeds", "protocol", "name", "epochs", "max_train_per_class"}
 _TOP_KEYS = {"protocol", "seeds", "out", "row", "description"}
 
 
@@ -43,6 +48,7 @@ class ExperimentRow:
     name: str | None = None
     epochs: int | None = None
     max_train_per_class: int | None = None
+    where: str = ""  # "experiment file F, row N": named in every error about the row
 
 
 @dataclass
@@ -118,9 +124,25 @@ def load_experiment(path: str | Path) -> Experiment:
             value = row.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise HarnessError(f"{where}, {key}: expected a positive integer, got {value!r}")
-        rows.append(ExperimentRow(methods, _strings(row.get("set", []), f"{where}, set"), seeds, protocol, name,
-                                  row.get("epochs"), row.get("max_train_per_class")))
+        sets = _strings(row.get("set", []), f"{where}, set") + _grid(row.get("grid", {}), f"{where}, grid")
+        rows.append(ExperimentRow(methods, sets, seeds, protocol, name, row.get("epochs"),
+                                  row.get("max_train_per_class"), where))
     out = data.get("out")
     if out is not None and not isinstance(out, str):
         raise HarnessError(f"experiment file {path}, out: expected a folder name")
+    if out is not None:  # the file's own folder, wherever the command runs from
+        out = str(path.parent / out) if not Path(out).is_absolute() else out
     return Experiment(path, rows, out, str(data.get("description", "")))
+
+
+def _grid(value, where: str) -> list[str]:
+    """{"icarl.lr": [0.05, 0.1]} -> ["icarl.lr=0.05", "icarl.lr=0.1"]: a key given twice is swept."""
+    if not isinstance(value, dict):
+        raise HarnessError(f"{where}: expected a table of setting = [values], e.g. grid = {{\"icarl.lr\" = [0.05, 0.1]}}")
+    out = []
+    for key, values in value.items():
+        values = values if isinstance(values, list) else [values]
+        if not values or any(isinstance(v, (dict, list)) for v in values):
+            raise HarnessError(f"{where}, {key}: expected a list of values, got {value[key]!r}")
+        out += [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for v in values]
+    return out

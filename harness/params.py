@@ -9,6 +9,8 @@ parameter is: declared default < protocol-family default < a setting's own recip
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -84,22 +86,56 @@ def parse_set_options(items: Iterable[str]) -> list[tuple[str | None, str, str]]
     return out
 
 
+def _suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def validate_set_options(overrides: Sequence[tuple[str | None, str, str]], methods: Mapping[str, type]) -> None:
     """Refuse overrides that no selected method declares (before anything runs)."""
     for method, name, value in overrides:
         if method is not None:
             if method not in methods:
-                raise HarnessError(f"--set {method}.{name}: method {method} is not in --methods ({', '.join(methods)})")
+                raise HarnessError(f"--set {method}.{name}: method {method} is not in --methods ({', '.join(methods)})"
+                                   + _suggest(method, methods))
             targets = [methods[method]]
         else:
             targets = [cls for cls in methods.values() if name in cls.params]
             if not targets:
-                raise HarnessError(f"--set {name}: no selected method declares '{name}'")
+                known = {k for cls in methods.values() for k in cls.params}
+                raise HarnessError(f"--set {name}: no selected method declares '{name}'{_suggest(name, known)}")
         for cls in targets:
             if name not in cls.params:
                 known = ", ".join(sorted(cls.params))
-                raise HarnessError(f"--set {method}.{name}: {method} has no parameter '{name}' (has: {known})")
+                raise HarnessError(f"--set {method}.{name}: {method} has no parameter '{name}'"
+                                   f"{_suggest(name, cls.params)}; it has: {known}")
             cls.params[name].coerce(f"{cls.name}.{name}", value)
+
+
+def _sweepable(param: Param) -> bool:
+    """Values of this setting never hold a comma: "a,b" lists several (a number, a flag, a choice)."""
+    return param.type in (int, float, bool) or (param.choices is not None and
+                                                 not any("," in str(c) for c in param.choices))
+
+
+def expand_grid(overrides: Sequence[tuple[str | None, str, str]],
+                methods: Mapping[str, type]) -> list[list[tuple[str | None, str, str]]]:
+    """The overrides of every combination of a grid, in order (the last key varies fastest).
+
+    A setting swept takes several values: `icarl.lr=0.05,0.1` where its values cannot hold a
+    comma (numbers, flags, choices), or the same key given more than once (any setting, e.g.
+    `icarl.milestones=80,120 icarl.milestones=60,120`). Without either, one combination."""
+    groups: dict[tuple[str | None, str], list[str]] = {}
+    for method, name, value in overrides:
+        targets = [methods[method]] if method in methods else [c for c in methods.values() if name in c.params]
+        split = bool(targets) and all(name in c.params and _sweepable(c.params[name]) for c in targets)
+        values = [v.strip() for v in value.split(",")] if split else [value]
+        if split and any(not v for v in values):
+            raise HarnessError(f"--set {method + '.' if method else ''}{name}={value}: an empty value in the list")
+        groups.setdefault((method, name), []).extend(values)
+    keys = list(groups)
+    return [[(m, k, v) for (m, k), v in zip(keys, combo)]
+            for combo in itertools.product(*(dict.fromkeys(groups[key]) for key in keys))]
 
 
 def resolve_params(
