@@ -215,8 +215,10 @@ def load(plugin_paths=(), data_root: str | None = None, with_data: bool = False)
     from harness import registry
 
     plugin_paths = list(plugin_paths)
-    if registry._discovered:  # imported already (a second command in one process, an API user's own
-        registry.discover(plugin_paths)  # registrations): the registries themselves, at no cost
+    if registry._discovered or registry.METHODS.names() or registry.PROTOCOLS.names():
+        # Registrations in this process already (a second command, an API user's own methods or
+        # protocols): the registries themselves, which hold them all
+        registry.discover(plugin_paths)
         return _live(plugin_paths, data_root, with_data)
     path = _cache_dir() / f"{_key(plugin_paths)}.json"
     snapshot = _read(path)
