@@ -125,7 +125,9 @@ def test_checkpoint_of_another_configuration_is_refused(unfinished, tmp_path, ca
     proc = subprocess.run([sys.executable, "-m", "harness", "--plugins", str(changed), *argv[2:]], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "different configuration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # Refused before any work, in one line naming what changed
+    assert "made with other settings or code" in proc.stderr and "class_order_seed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_checkpoints_load_weights_only(unfinished):
