@@ -48,6 +48,11 @@ def test_a_changed_default_and_a_changed_line_of_code_are_each_caught(tmp_path, 
     assert config["settings"]["smoothing"] == 0.1 and config["settings"]["batch_size"] > 0  # every setting
     assert config["code"]["files"] == {str(plugin): identity._sha256(plugin)}
     summary = (run / "summary.json").read_bytes()
+    figures = json.loads(summary)  # PyCIL's old/new split and top-5, per task
+    assert figures["new_accuracy"][1] == pytest.approx(figures["accuracy_matrix"][1][1])
+    assert figures["old_accuracy"][0] is None and figures["old_accuracy"][1] == pytest.approx(
+        figures["accuracy_matrix"][1][0])  # tasks of equal size: the pooled old accuracy is task 1's
+    assert all(t >= a for t, a in zip(figures["top5_accuracy"], figures["step_accuracy"]))
 
     # The same command, nothing changed: skipped (nothing rewritten).
     assert cli(*command) == 0
