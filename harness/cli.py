@@ -341,6 +341,7 @@ def cmd_run(args) -> int:
             embedded: list = []  # each figure drawn once: files, then the page
             figure_paths = write_figures(runs, table_dir / "plots", embedded)
             written = write_report(runs, table_dir, embedded=embedded, columns=tuple(args.columns)) + figure_paths
+            interrupts.check()  # one a callback swallowed while they were written
         except KeyboardInterrupt:
             print(f"interrupted while writing the table and figures of {table_dir}: every run is finished; "
                   "the same command writes them again without training", file=sys.stderr)

@@ -3,8 +3,8 @@
 A run's folder is named by its label (the settings changed from their defaults), so the label
 alone cannot tell that a default or the method's code changed since the run. Its identity can:
 every resolved setting that affects results, the protocol's definition, and the code (a SHA-256
-of the method's source files, the file that registered it and the one that defines its class,
-and the harness's version, which names the shared code). A finished run whose recorded identity
+of the method's source files: the file that registered it and those that define its class and
+the classes it extends outside the harness, and the harness's version, which names the shared code). A finished run whose recorded identity
 differs from the command's is never reused: `run` refuses it in one line per run naming what
 changed, and `--force` reruns it in place (README, "Results that are always current").
 """
@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import os
+import sysconfig
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,16 +38,27 @@ def _shown(path: str) -> str:
         return str(path)
 
 
+def _library(path: str) -> bool:
+    """A file of the harness package or of an installed package: named by a version, not hashed."""
+    real = os.path.realpath(path)
+    roots = [os.path.dirname(os.path.realpath(harness.__file__)),
+             *(os.path.realpath(p) for k, p in sysconfig.get_paths().items() if k in ("purelib", "platlib", "stdlib"))]
+    return any(real == r or real.startswith(r + os.sep) for r in roots)
+
+
 def method_files(cls: type, registered_in: str | None) -> list[str]:
-    """The method's own source files: where it registered and where its class is defined."""
+    """The method's own source files: where it registered, and where its class and the classes
+    it builds on are defined (methods/wa.py's WA extends methods/icarl.py's ICaRL), outside the
+    harness package and installed packages."""
     files = [registered_in] if registered_in else []
-    try:
-        defined_in = inspect.getsourcefile(cls)
-    except TypeError:
-        defined_in = None
-    if defined_in and os.path.isfile(defined_in) and all(
-            os.path.realpath(defined_in) != os.path.realpath(f) for f in files):
-        files.append(defined_in)
+    for klass in cls.__mro__:
+        try:
+            defined_in = inspect.getsourcefile(klass)
+        except TypeError:
+            continue
+        if (defined_in and os.path.isfile(defined_in) and not _library(defined_in)
+                and all(os.path.realpath(defined_in) != os.path.realpath(f) for f in files)):
+            files.append(defined_in)
     return files
 
 

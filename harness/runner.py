@@ -318,7 +318,9 @@ def _report_task(run: _Run, step: int, classes_seen: int, scores: StepScores, tr
     busy = (f", {n_threads} CPU threads: other cores were busy"
             if n_threads < threads.usable_cores() and not threads.pinned() else "")
     bar.write(f"{run.plan.label} seed {spec.seed}: task {step + 1}/{run.protocol.num_tasks} "
-              f"accuracy on {classes_seen} classes {scores.seen:.1f}% ({train_s:.1f}s train, {eval_s:.1f}s eval{busy})"
+              f"accuracy on {classes_seen} classes {scores.seen:.1f}%"
+              + (f" (old {scores.old:.1f}%, new {scores.new:.1f}%)" if scores.old is not None else "")
+              + f", top-5 {scores.top5_seen:.1f}% ({train_s:.1f}s train, {eval_s:.1f}s eval{busy})"
               + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zs is not None else ""))
 
 
