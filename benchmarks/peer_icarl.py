@@ -165,9 +165,10 @@ def main() -> None:
     run_side_by_side(learners, data, args.seed, args.tasks)
 
 
-def run_side_by_side(learners: dict, data, seed: int, tasks: int | None) -> int:
-    """Run each learner on the stream, then print one row each; returns the width of the name column."""
-    out = {}
+def run_side_by_side(learners: dict, data, seed: int, tasks: int | None, out: dict | None = None) -> int:
+    """Run each learner on the stream, then print one row each; returns the width of the name column.
+    `out`, where given, receives each learner's summary by name."""
+    out = {} if out is None else out
     for name, make in learners.items():
         out[name] = r = run(make, data, seed, tasks)
         print(f"  {name}: done in {r['wall_time_s']:.0f} s (last {r['last_accuracy']:.1f}%)", flush=True)

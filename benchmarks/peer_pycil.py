@@ -1,14 +1,17 @@
-"""iCaRL: ours (methods/icarl.py, `loss=ce_kd`) vs PyCIL's own iCaRL, on the same stream, in one run.
+"""A method of ours vs PyCIL's own, on the same stream, in one run: `--model icarl` (ours
+`loss=ce_kd`) or `--model wa`.
 
 PyCIL (https://github.com/G-U-N/PyCIL) is neither a dependency nor vendored: point
-`--pycil` at a local checkout. Its `models/icarl.py` trains as shipped (softmax CE + KD at
-T=2, SGD momentum 0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and
-MultiStepLR per task, herding, NME); this script only
+`--pycil` at a local checkout. Its `models/<model>.py` trains as shipped (iCaRL: softmax CE +
+KD at T=2, herding, NME; WA: (1-λ) CE + λ KD, weight aligning, the head; both SGD momentum
+0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and MultiStepLR per
+task); this script only
 - hands it the harness's QuickDraw stream (same classes, same order, same train/test split)
   through its `DataManager`, as a dataset of single-channel 28x28 images with the crop
   (shift up to `crop_padding` px) + flip augmentation of our recipe;
 - sets its module-level epochs and scales its milestones to them (PyCIL's CIFAR-100
-  values: 200 epochs, milestones 60/120/170, then 170 epochs, milestones 80/120);
+  values: 200 epochs, milestones 60/120/170, then 170 epochs, milestones 80/120 for iCaRL
+  and 60/100/140 for WA);
 - keeps a fixed number of exemplars per class on both sides (PyCIL's `fixed_memory`,
   ours `icarl.memory_per_class`; 20 x 100 classes = 2000 at the end): with a total of 2000
   shared by the classes seen, the first task's quota (200 per class) exceeds QuickDraw's 80
@@ -16,14 +19,17 @@ MultiStepLR per task, herding, NME); this script only
 - with `--backbone convnet_bn` (default, our recipe's backbone) gives its network our
   `ConvNetBN`; `--backbone resnet32` keeps PyCIL's own ResNet-32 (3 input channels: the
   grey image is repeated).
-Both are scored by the harness's Evaluator (PyCIL's NME through its own class means and
-feature extractor); PyCIL's own NME top-1 after each task is printed too, as a check that
-the two evaluations agree. Wall time = training + evaluation of the whole stream in this
-process (PyCIL also measures test accuracy every 5 epochs, as it ships).
+Both are scored by the harness's Evaluator (PyCIL's iCaRL by NME through its own class
+means and feature extractor, its WA by its head's logits); PyCIL's own top-1 after each task
+(NME for iCaRL, CNN for WA) is printed too, as a check that the two evaluations agree. Wall
+time = training + evaluation of the whole stream in this process (PyCIL also measures test
+accuracy every 5 epochs, as it ships). `--csv FILE` appends one line
+(method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s), e.g. to
+results/reference/quickdraw100_10x10/peers.csv.
 
-    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--protocol quickdraw100_10x10] [--seed 0]
-        [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
-        [--max-train-per-class N] [--pycil-workers 8]
+    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa] [--protocol quickdraw100_10x10]
+        [--seed 0] [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
+        [--max-train-per-class N] [--pycil-workers 8] [--csv FILE]
 """
 from __future__ import annotations
 
@@ -50,9 +56,11 @@ from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import METHODS, discover  # noqa: E402
 from peer_icarl import run_side_by_side  # noqa: E402
 
-# PyCIL's iCaRL schedule for CIFAR-100 (models/icarl.py), scaled to --epochs.
+# PyCIL's schedules for CIFAR-100 (models/icarl.py, models/wa.py), scaled to --epochs.
 PYCIL_INIT = (200, (60, 120, 170))
-PYCIL_LATER = (170, (80, 120))
+PYCIL_LATER = {"icarl": (170, (80, 120)), "wa": (170, (60, 100, 140))}
+PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA"}
+CSV_HEADER = "method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s"
 
 
 def scaled(schedule: tuple[int, tuple[int, ...]], epochs: int) -> list[int]:
@@ -80,25 +88,26 @@ def load_pycil(root: Path) -> dict:
     sys.path.insert(0, str(root))
     try:
         return {name: importlib.import_module(name)
-                for name in ("models.icarl", "utils.data_manager", "utils.data", "utils.inc_net")}
+                for name in ("models.icarl", "models.wa", "utils.data_manager", "utils.data", "utils.inc_net")}
     except ImportError as e:
         raise HarnessError(f"--pycil {root}: PyCIL does not import here ({e})") from None
 
 
-class PyCILiCaRL:
-    """PyCIL's iCaRL behind the harness contract (learn / class_scores / memory_usage).
-    `own_nme` collects PyCIL's own NME top-1 after each task."""
+class PyCILLearner:
+    """PyCIL's iCaRL or WA behind the harness contract (learn / class_scores / memory_usage).
+    `own` collects PyCIL's own top-1 after each task (NME for iCaRL, CNN for WA)."""
 
-    def __init__(self, pycil: dict, data, device: torch.device, epochs: int, per_class: int, backbone: str,
-                 padding: int, workers: int, seed: int, own_nme: list[float]):
-        icarl, data_manager, idata, inc_net = (pycil[k] for k in ("models.icarl", "utils.data_manager",
-                                                                  "utils.data", "utils.inc_net"))
+    def __init__(self, pycil: dict, model: str, data, device: torch.device, epochs: int, per_class: int,
+                 backbone: str, padding: int, workers: int, seed: int, own: list[float]):
+        module, data_manager, idata, inc_net = (pycil[k] for k in (f"models.{model}", "utils.data_manager",
+                                                                   "utils.data", "utils.inc_net"))
         from torchvision import transforms
 
-        icarl.init_epoch, icarl.epochs = epochs, epochs
-        icarl.init_milestones, icarl.milestones = scaled(PYCIL_INIT, epochs), scaled(PYCIL_LATER, epochs)
-        icarl.num_workers = workers
-        icarl.tqdm = functools.partial(icarl.tqdm, disable=True)  # its per-epoch progress bars
+        module.init_epoch, module.epochs = epochs, epochs
+        module.init_milestones = scaled(PYCIL_INIT, epochs)
+        module.milestones = scaled(PYCIL_LATER[model], epochs)
+        module.num_workers = workers
+        module.tqdm = functools.partial(module.tqdm, disable=True)  # its per-epoch progress bars
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores
 
         train_x, train_y = materialise(data.train)
@@ -126,16 +135,16 @@ class PyCILiCaRL:
             inc_net.get_convnet = lambda args, pretrained=False: _PyCILConvNet(data.protocol.channels)
         p = data.protocol
         args = {"convnet_type": backbone, "device": [device], "memory_size": per_class * p.num_classes,
-                "fixed_memory": True, "memory_per_class": per_class, "seed": seed, "model_name": "icarl", "dataset": "quickdraw",
+                "fixed_memory": True, "memory_per_class": per_class, "seed": seed, "model_name": model, "dataset": "quickdraw",
                 "init_cls": p.first_task_classes, "increment": p.increment, "pretrained": False}
         self.manager = data_manager.DataManager("quickdraw", False, seed, p.first_task_classes, p.increment)
-        self.learner = icarl.iCaRL(args)
-        self.device, self.channels3, self.own_nme = device, backbone == "resnet32", own_nme
+        self.learner = getattr(module, PYCIL_CLASS[model])(args)
+        self.model, self.device, self.channels3, self.own = model, device, backbone == "resnet32", own
 
     def learn(self, experience):
         self.learner.incremental_train(self.manager)
-        _, nme = self.learner.eval_task()
-        self.own_nme.append(float(nme["top1"]))
+        cnn, nme = self.learner.eval_task()
+        self.own.append(float((nme if self.model == "icarl" else cnn)["top1"]))
         self.learner.after_task()
 
     @torch.no_grad()
@@ -144,6 +153,8 @@ class PyCILiCaRL:
         x = x.to(self.device)
         if self.channels3:
             x = x.expand(-1, 3, -1, -1)
+        if self.model == "wa":  # the aligned head, as PyCIL's CNN accuracy
+            return net(x)["logits"][:, : self.learner._total_classes]
         f = F.normalize(net.extract_vector(x).float(), dim=1)
         means = torch.as_tensor(self.learner._class_means[: self.learner._total_classes], dtype=torch.float32)
         return f @ F.normalize(means.to(self.device), dim=1).T  # unit vectors: cosine order = distance order
@@ -153,20 +164,33 @@ class PyCILiCaRL:
         return n, n * int(np.prod(self.learner._data_memory.shape[1:])) if n else 0
 
 
-def our_params(data, epochs: int, per_class: int, backbone: str) -> dict:
-    sets = [("icarl", "memory_per_class", str(per_class)), ("icarl", "loss", "ce_kd"), ("icarl", "backbone", backbone)]
-    return resolve_params(METHODS.get("icarl"), data.protocol.family, sets, {"epochs": epochs})[0]
+def our_params(model: str, data, epochs: int, per_class: int, backbone: str) -> dict:
+    sets = [(model, "memory_per_class", str(per_class)), (model, "backbone", backbone)]
+    sets += [("icarl", "loss", "ce_kd")] if model == "icarl" else []
+    return resolve_params(METHODS.get(model), data.protocol.family, sets, {"epochs": epochs})[0]
 
 
-def ours(data, device, hp: dict, seed: int):
+def ours(model: str, data, device, hp: dict, seed: int):
     p = data.protocol
-    return METHODS.get("icarl")(context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True),
-                                hp=hp)
+    return METHODS.get(model)(context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True),
+                              hp=hp)
+
+
+def append_csv(path: Path, model: str, seed: int, ours_r: dict, peer_r: dict) -> None:
+    """One line of peers.csv (header written with the first line)."""
+    line = ",".join([model, f"pycil:{model}", str(seed)] + [f"{v:.2f}" for v in (
+        ours_r["avg_incremental_accuracy"], ours_r["last_accuracy"], peer_r["avg_incremental_accuracy"],
+        peer_r["last_accuracy"])] + [f"{ours_r['wall_time_s']:.0f}", f"{peer_r['wall_time_s']:.0f}"])
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write((CSV_HEADER + "\n" if new else "") + line + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pycil", required=True, type=Path, help="a local checkout of PyCIL")
+    ap.add_argument("--model", default="icarl", choices=tuple(PYCIL_CLASS), help="the method on both sides")
+    ap.add_argument("--csv", type=Path, help="append the line of peers.csv to this file")
     ap.add_argument("--protocol", default="quickdraw100_10x10")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=30, help="epochs of every task, both learners")
@@ -182,7 +206,7 @@ def main() -> None:
         data = prepare(get_protocol(args.protocol), max_train_per_class=args.max_train_per_class)
         if data.protocol.dataset != "quickdraw" or not data.in_memory:
             raise HarnessError(f"{args.protocol}: this benchmark feeds PyCIL in-memory QuickDraw protocols only")
-        hp = our_params(data, args.epochs, args.memory_per_class, args.backbone)
+        hp = our_params(args.model, data, args.epochs, args.memory_per_class, args.backbone)
         pycil = load_pycil(args.pycil.expanduser())
     except HarnessError as e:
         sys.exit(f"error: {e}")
@@ -191,18 +215,23 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads\n  ours: lr {hp['lr']} batch {hp['batch_size']}, weight decay "
           f"{hp['init_weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
           f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, multistep milestones "
-          f"{scaled(PYCIL_INIT, args.epochs)} then {scaled(PYCIL_LATER, args.epochs)}", flush=True)
-    own_nme: list[float] = []
+          f"{scaled(PYCIL_INIT, args.epochs)} then {scaled(PYCIL_LATER[args.model], args.epochs)}", flush=True)
+    own: list[float] = []
+    ours_name = f"ours (methods/{args.model}.py" + (", loss=ce_kd)" if args.model == "icarl" else ")")
+    peer_name = f"PyCIL models/{args.model}.py"
     learners = {
-        "ours (methods/icarl.py, loss=ce_kd)": lambda: ours(data, device, hp, args.seed),
-        "PyCIL models/icarl.py": lambda: PyCILiCaRL(pycil, data, device, args.epochs, args.memory_per_class,
-                                                     args.backbone,
-                                                     hp["crop_padding"], args.pycil_workers, args.seed, own_nme),
+        ours_name: lambda: ours(args.model, data, device, hp, args.seed),
+        peer_name: lambda: PyCILLearner(pycil, args.model, data, device, args.epochs, args.memory_per_class,
+                                        args.backbone, hp["crop_padding"], args.pycil_workers, args.seed, own),
     }
-    width = run_side_by_side(learners, data, args.seed, args.tasks)
-    print(f"{'PyCIL own eval_task NME top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
-          + " ".join(f"{a:.1f}" for a in own_nme))
-
+    results: dict = {}
+    width = run_side_by_side(learners, data, args.seed, args.tasks, results)
+    which = "NME" if args.model == "icarl" else "CNN"
+    print(f"{f'PyCIL own eval_task {which} top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
+          + " ".join(f"{a:.1f}" for a in own))
+    if args.csv:
+        append_csv(args.csv, args.model, args.seed, results[ours_name], results[peer_name])
+        print(f"appended to {args.csv}")
 
 if __name__ == "__main__":
     main()
