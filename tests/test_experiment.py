@@ -77,22 +77,24 @@ def test_each_committed_experiment_file_rebuilds_its_reference_folder(experiment
     the finished ones)."""
     from harness import failures, results
     from harness.experiment import load_experiment
-    from harness.params import parse_set_options
-    from harness.registry import discover
+    from harness.params import expand_grid, parse_set_options
+    from harness.registry import METHODS, discover
     from harness.runner import RunSpec, plan_label
 
     discover()
     e = load_experiment(experiment)
     missing = []
     for row in e.rows:
-        for m in row.methods:
-            for s in row.seeds:
-                spec = RunSpec(method=m, protocol=row.protocol, seed=s, out=str(REPO / e.out),
-                               overrides=tuple(parse_set_options(row.sets)))
-                label, protocol_dir, _, _ = plan_label(spec)
-                folder = results.run_dir(REPO / e.out, protocol_dir, label, s)
-                # a run that diverged is a measured result too (the table lists it as failed)
-                diverged = (failures.read_record(folder) or {}).get("error") == "RunDiverged"
-                if not (results.is_finished(folder) or diverged):
-                    missing.append(f"{protocol_dir}/{label}/seed{s}")
+        classes = {m: METHODS.get(m) for m in row.methods}
+        for combo in expand_grid(parse_set_options(row.sets), classes):  # every row of a grid
+            for m in row.methods:
+                for s in row.seeds:
+                    spec = RunSpec(method=m, protocol=row.protocol, seed=s, out=str(REPO / e.out),
+                                   overrides=tuple(combo))
+                    label, protocol_dir, _, _ = plan_label(spec)
+                    folder = results.run_dir(REPO / e.out, protocol_dir, label, s)
+                    # a run that diverged is a measured result too (the table lists it as failed)
+                    diverged = (failures.read_record(folder) or {}).get("error") == "RunDiverged"
+                    if not (results.is_finished(folder) or diverged):
+                        missing.append(f"{protocol_dir}/{label}/seed{s}")
     assert not missing, missing
