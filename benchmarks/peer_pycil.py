@@ -140,6 +140,7 @@ class PyCILLearner:
         self.manager = data_manager.DataManager("quickdraw", False, seed, p.first_task_classes, p.increment)
         self.learner = getattr(module, PYCIL_CLASS[model])(args)
         self.model, self.device, self.channels3, self.own = model, device, backbone == "resnet32", own
+        self.name = f"pycil:{model}"  # how the evaluator names it in errors
 
     def learn(self, experience):
         self.learner.incremental_train(self.manager)
