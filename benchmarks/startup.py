@@ -4,8 +4,8 @@
 
 Each command runs as a new process (`python -m harness ...`), as a user types it; the figure is
 the median wall time of --repeats runs with the catalogue cached (harness.catalog), and once
-from an empty cache (the first command after a change to any source file). The machine's CPU
-and core count are printed beside the figures.
+from an empty cache (the first command after a change to any source file). The machine's CPU,
+core count and fp32 GEMM rate are printed beside the figures.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from yardstick_speed import cpu_name, fp32_gflops  # the machine's figures, printed beside every time
+
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "--help": ["--help"],
@@ -27,16 +29,6 @@ COMMANDS = {
     "usage error (unknown method)": ["run", "--methods", "icarll"],
     "usage error (bad --set)": ["run", "--methods", "icarl", "--set", "icarl.memroy=100"],
 }
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _time(args: list[str], env: dict) -> float:
@@ -50,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"CPU: {_cpu()}, {os.cpu_count()} cores; Python {platform.python_version()}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, fp32 GEMM {fp32_gflops():.0f} GFLOPS; "
+          f"Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "CIL_CACHE": cache}
         cold = _time(["list"], env)  # builds the catalogue: every method module imported once
