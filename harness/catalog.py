@@ -41,8 +41,6 @@ class MethodEntry:
     params: dict[str, Param]
     protocol_defaults: dict[str, dict[str, Any]]
     setting_defaults: dict[str, dict[str, Any]]
-    source: str  # as users name it
-    files: list[str]  # its source files (harness.identity.method_files)
 
 
 @dataclass
@@ -52,7 +50,7 @@ class Catalog:
     not_offered: dict[str, str]
     import_errors: list[str]
     datasets: dict[str, dict] = field(default_factory=dict)  # dataset -> {"present": bool, "why": str}
-    method_files: dict[str, list[str]] = field(default_factory=dict)
+    method_files: dict[str, list[str]] = field(default_factory=dict)  # harness.identity.method_files
 
 
 # ---- the key: every file and version the registrations depend on -----------------------------
@@ -199,12 +197,12 @@ def _build(snapshot: dict) -> Catalog:
     files = {}
     for name, m in snapshot["methods"].items():
         entry = MethodEntry(name, m["description"], {k: _param(p) for k, p in m["params"].items()},
-                            m["protocol_defaults"], m["setting_defaults"], m["source"], m["files"])
-        methods._items[name], methods._sources[name] = entry, m["source"]
+                            m["protocol_defaults"], m["setting_defaults"])
+        methods.register(name, entry, m["source"])
         files[name] = m["files"]
     for name, p in snapshot["protocols"].items():
         fields = {k: v for k, v in p.items() if k != "source"}
-        protocols._items[name], protocols._sources[name] = Protocol(**fields), p["source"]
+        protocols.register(name, Protocol(**fields), p["source"])
     return Catalog(methods, protocols, snapshot["not_offered"], snapshot["import_errors"], method_files=files)
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from harness import interrupts
 from harness.errors import HarnessError
+from harness.selection import METRICS
 
 # The embedded default: bounds, a classic and the flagship on the 2-task QuickDraw stream.
 # Measured on 2 idle CPU cores: 300-361 s in all, 3.8 min of them GMM (README, Command line).
@@ -51,6 +52,12 @@ def _seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {value}")
     return value
+
+
+def _add_columns(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--columns", nargs="+", default=[], choices=("old_new", "top5"), metavar="C",
+                        help="optional table columns: old_new (Last on the classes of earlier tasks and of the "
+                             "last task, as PyCIL prints them), top5 (Class-IL top-5 Avg and Last)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, metavar="N",
                      help="CPU threads per run (default: the cores idle before each task, so other "
                           "processes on the machine do not stall it; fix N to repeat a run bit for bit)")
-    run.add_argument("--columns", nargs="+", default=[], choices=("old_new", "top5"), metavar="C",
-                        help="optional table columns: old_new (Last on the classes of earlier tasks and of the "
-                             "last task, as PyCIL prints them), top5 (Class-IL top-5 Avg and Last)")
+    _add_columns(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
     run.add_argument("--fail-fast", action="store_true",
                      help="stop the sweep at the first run that raises, with its traceback (default: record the "
@@ -153,14 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--plugins", action="append", default=[], metavar="PATH", dest="run_plugins",
                         help="a method/protocol file or folder to import (repeatable): the methods an experiment "
                              "file names")
-    report.add_argument("--columns", nargs="+", default=[], choices=("old_new", "top5"), metavar="C",
-                        help="optional table columns: old_new (Last on the classes of earlier tasks and of the "
-                             "last task, as PyCIL prints them), top5 (Class-IL top-5 Avg and Last)")
-    report.add_argument("--best", metavar="METRIC", choices=("avg", "last", "forgetting", "task_il_avg",
-                                                               "task_il_last", "top5_last"),
-                        help="rank each method's rows by METRIC (avg, last, forgetting, task_il_avg, task_il_last, "
-                             "top5_last; mean over seeds) and print the best one's settings as an experiment-file "
-                             "row: for choosing settings on a development protocol")
+    _add_columns(report)
+    report.add_argument("--best", metavar="METRIC", choices=tuple(METRICS),
+                        help=f"rank each method's rows by METRIC ({', '.join(METRICS)}; mean over seeds) and print "
+                             "the best one's settings as an experiment-file row: for choosing settings on a "
+                             "development protocol")
     report.add_argument("--sessions", action="store_true",
                         help="the accuracy after each task (session) and PD = A_1 - A_T, as few-shot CIL papers "
                              "print it (md, latex or csv; every run also writes sessions.md and sessions.csv)")
@@ -203,12 +205,19 @@ def _sweep_rows(args) -> list[dict]:
             if getattr(row, key) is not None and getattr(args, key) is not None:
                 raise HarnessError(f"--{key.replace('_', '-')} and the experiment file's {key} ({row.where}) both "
                                    "set it: give one of them")
-        rows.append({"methods": row.methods, "protocol": row.protocol,
-                     "overrides": _in_row(row.where, parse_set_options, row.sets),
-                     "seeds": row.seeds, "epochs": row.epochs if row.epochs is not None else args.epochs,
-                     "max_train_per_class": row.max_train_per_class if row.max_train_per_class is not None
-                     else args.max_train_per_class, "name": row.name, "where": row.where})
+        rows.append(_experiment_row(row, args.epochs, args.max_train_per_class))
     return rows
+
+
+def _experiment_row(row, epochs: int | None = None, max_train_per_class: int | None = None) -> dict:
+    """An experiment file's row as a sweep row; the flags fill what the row leaves unset."""
+    from harness.params import parse_set_options
+
+    return {"methods": row.methods, "protocol": row.protocol, "overrides": _in_row(row.where, parse_set_options,
+                                                                                     row.sets),
+            "seeds": row.seeds, "epochs": row.epochs if row.epochs is not None else epochs,
+            "max_train_per_class": row.max_train_per_class if row.max_train_per_class is not None
+            else max_train_per_class, "name": row.name, "where": row.where}
 
 
 def _in_row(where: str, fn, *args):
@@ -237,29 +246,37 @@ def _grid_rows(row: dict, classes: dict) -> list[dict]:
     return out
 
 
-def cmd_run(args) -> int:
-    from harness import catalog as catalog_mod
-    from harness import results
+def _checked_rows(rows: list[dict], catalog) -> list[dict]:
+    """The rows with their method classes ("classes"), protocol and settings checked, each grid
+    expanded to one row per combination."""
     from harness.params import validate_set_options
-    from harness.planning import RunSpec, plan_run, stale, stale_line
 
-    # Everything the user typed (or the experiment file lists) is checked before any work or any
-    # write, from the catalogue: a typo answers in a moment, without importing torch.
-    plugins = args.plugins + args.run_plugins
-    catalog = catalog_mod.load(plugins)
-    rows = []
-    for row in _sweep_rows(args):
+    out = []
+    for row in rows:
         row["classes"] = _in_row(row["where"], lambda: {m: catalog.methods.get(m)
                                                         for m in dict.fromkeys(row["methods"])})
         _in_row(row["where"], catalog.protocols.get, row["protocol"])
-        for expanded in _grid_rows(row, row["classes"]):  # a grid: one row per combination
+        for expanded in _grid_rows(row, row["classes"]):
             _in_row(row["where"], validate_set_options, expanded["overrides"], row["classes"])
             if row["epochs"] is not None:  # two sources of one setting: say which wins instead of picking one
                 clash = next((o for o in expanded["overrides"] if o[1] in ("epochs", "init_epochs")), None)
                 if clash is not None:
                     raise HarnessError(f"--set {'.'.join(x for x in clash[:2] if x)}={clash[2]} and --epochs "
                                        f"{row['epochs']} both set the epochs: give one of them")
-            rows.append(expanded)
+            out.append(expanded)
+    return out
+
+
+def cmd_run(args) -> int:
+    from harness import catalog as catalog_mod
+    from harness import results
+    from harness.planning import RunSpec, plan_run, refusal
+
+    # Everything the user typed (or the experiment file lists) is checked before any work or any
+    # write, from the catalogue: a typo answers in a moment, without importing torch.
+    plugins = args.plugins + args.run_plugins
+    catalog = catalog_mod.load(plugins)
+    rows = _checked_rows(_sweep_rows(args), catalog)
     args.out = args.out or DEFAULT_OUT
     for failure in catalog.import_errors:  # files that define none of the chosen methods
         _say(args.quiet, f"warning: {failure}")
@@ -290,9 +307,7 @@ def cmd_run(args) -> int:
                 if row["name"]:
                     names[(plan.protocol_dir, plan.label)] = row["name"]
     # A run made with other settings or code is never reused silently: refused, before any work.
-    refusals = [stale_line(spec, plan, changed) for spec, plan in zip(specs, plans)
-                if not spec.force and not (spec.restart and not results.is_finished(plan.path))
-                and (changed := stale(plan))]
+    refusals = [why for spec, plan in zip(specs, plans) if (why := refusal(spec, plan))]
     if refusals:
         for line in refusals:
             print(f"error: {line}", file=sys.stderr)
@@ -503,22 +518,18 @@ def _experiment_order(path: str, plugins: list[str]) -> tuple[list[str], dict[st
     """The labels an experiment file's rows (grids expanded) run as, in order, and their names."""
     from harness import catalog as catalog_mod
     from harness.experiment import load_experiment
-    from harness.params import parse_set_options
     from harness.planning import RunSpec, plan_run
 
     catalog = catalog_mod.load(plugins)
     order, names = [], {}
-    for row in load_experiment(path).rows:
-        classes = _in_row(row.where, lambda: {m: catalog.methods.get(m) for m in row.methods})
-        base = {"overrides": _in_row(row.where, parse_set_options, row.sets), "name": row.name, "where": row.where}
-        for expanded in _grid_rows(base, classes):
-            for m in classes:
-                spec = RunSpec(method=m, protocol=row.protocol, seed=0, out=".", epochs=row.epochs,
-                               overrides=tuple(expanded["overrides"]), max_train_per_class=row.max_train_per_class)
-                label = _in_row(row.where, plan_run, spec, catalog).label
-                order.append(label)
-                if expanded["name"]:
-                    names[label] = expanded["name"]
+    for row in _checked_rows([_experiment_row(row) for row in load_experiment(path).rows], catalog):
+        for m in row["classes"]:
+            spec = RunSpec(method=m, protocol=row["protocol"], seed=0, out=".", epochs=row["epochs"],
+                           overrides=tuple(row["overrides"]), max_train_per_class=row["max_train_per_class"])
+            label = _in_row(row["where"], plan_run, spec, catalog).label
+            order.append(label)
+            if row["name"]:
+                names[label] = row["name"]
     return order, names
 
 

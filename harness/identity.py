@@ -10,6 +10,7 @@ changed, and `--force` reruns it in place (README, "Results that are always curr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -38,12 +39,16 @@ def _shown(path: str) -> str:
         return str(path)
 
 
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    return (os.path.dirname(os.path.realpath(harness.__file__)),
+            *(os.path.realpath(p) for k, p in sysconfig.get_paths().items() if k in ("purelib", "platlib", "stdlib")))
+
+
 def _library(path: str) -> bool:
     """A file of the harness package or of an installed package: named by a version, not hashed."""
     real = os.path.realpath(path)
-    roots = [os.path.dirname(os.path.realpath(harness.__file__)),
-             *(os.path.realpath(p) for k, p in sysconfig.get_paths().items() if k in ("purelib", "platlib", "stdlib"))]
-    return any(real == r or real.startswith(r + os.sep) for r in roots)
+    return any(real == r or real.startswith(r + os.sep) for r in _library_roots())
 
 
 def method_files(cls: type, registered_in: str | None) -> list[str]:

@@ -88,10 +88,15 @@ def stale(plan: Plan) -> list[str]:
     return identity.changes(recorded, plan.params, plan.protocol_spec, plan.code, plan.defaults)
 
 
-def stale_line(spec: RunSpec, plan: Plan, changed: list[str]) -> str:
-    """One line: the run is not reused because ..., and what to do."""
+def refusal(spec: RunSpec, plan: Plan) -> str | None:
+    """Why the run in plan.path may not be reused or resumed (one line), or None. --force, and
+    --restart for an unfinished run, start it over, so nothing is refused."""
     finished = results.is_finished(plan.path)
-    act = ("--force reruns it in its folder (its results are replaced)" if finished
-           else "--restart starts it over")
+    if spec.force or (spec.restart and not finished):
+        return None
+    changed = stale(plan)
+    if not changed:
+        return None
+    act = "--force reruns it in its folder (its results are replaced)" if finished else "--restart starts it over"
     return (f"{plan.label} seed {spec.seed} in {plan.path} was made with other settings or code "
             f"({'; '.join(changed)}): {act}, or --out DIR runs it elsewhere")

@@ -39,8 +39,10 @@ class Registry(Generic[T]):
         self._sources: dict[str, str] = {}  # name -> file that registered it, as shown to users
         self._paths: dict[str, str] = {}  # name -> that file's path (None: not a file of its own)
 
-    def register(self, name: str, item: T) -> T:
-        source, path = _importing[-1] if _importing else ("<unknown file>", None)
+    def register(self, name: str, item: T, source: str | None = None) -> T:
+        """`source`: where it is defined, as shown to users (default: the file being imported)."""
+        shown, path = _importing[-1] if _importing else ("<unknown file>", None)
+        source = source or shown
         # The same definition imported twice (two copies of a plugin file) is harmless.
         if name in self._items and self._items[name] is not item and self._items[name] != item:
             raise HarnessError(f"{self.kind} '{name}' is registered twice: in {self._sources[name]} and in {source}")

@@ -26,7 +26,7 @@ from harness import checkpoint, failures, interrupts, loggers, metrics, results,
 from harness.errors import HarnessError, RunDiverged, one_line
 from harness.evaluation import Evaluator, StepScores
 from harness.method import CILMethod, MethodContext
-from harness.planning import Plan, RunSpec, plan_label, plan_run, stale, stale_line  # noqa: F401 (re-exported)
+from harness.planning import Plan, RunSpec, plan_label, plan_run, refusal  # noqa: F401 (re-exported)
 from harness.protocol import Protocol, get_protocol
 from harness.registry import METHODS, discover
 from harness.streams import build_benchmark
@@ -93,7 +93,9 @@ def execute(spec: RunSpec) -> RunOutcome:
     try:
         discover(spec.plugins)
         plan = plan_run(spec)
-        _refuse_stale(spec, plan)
+        why = refusal(spec, plan)
+        if why:
+            raise HarnessError(why)
     except Exception as exc:
         if spec.fail_fast:
             raise
@@ -116,14 +118,6 @@ def execute(spec: RunSpec) -> RunOutcome:
             raise
         return RunOutcome(spec, "failed", str(plan.path), plan.label, plan.protocol_dir, error=one_line(exc),
                           refused=True)
-
-
-def _refuse_stale(spec: RunSpec, plan: Plan) -> None:
-    if spec.force or (spec.restart and not results.is_finished(plan.path)):
-        return
-    changed = stale(plan)
-    if changed:
-        raise HarnessError(stale_line(spec, plan, changed))
 
 
 def _skipped(spec: RunSpec, plan: Plan) -> RunOutcome:
@@ -163,6 +157,8 @@ class _Run:
     first_step: int = 0
     progress: dict = field(default_factory=dict)
     progress_bar: Any = None  # tqdm over the tasks
+    wall_before: float = 0.0  # wall time of the tasks run before a resume
+    started: float = 0.0  # perf_counter when this process started on its tasks
 
     @property
     def checkpoint_path(self) -> Path:
@@ -241,8 +237,7 @@ def _restore_or_start(run: _Run) -> None:
     for key in ("task_il_matrix", "task_il_step_accuracy", "top5_step_accuracy", "old_accuracy",
                 "new_accuracy"):  # absent from checkpoints of older runs
         progress.setdefault(key, [None] * len(progress["matrix"]))
-    progress["wall_before"] = progress["wall_time_s"]
-    progress["started"] = time.perf_counter()
+    run.wall_before, run.started = progress["wall_time_s"], time.perf_counter()
     run.progress_bar = tqdm(total=run.protocol.num_tasks, initial=run.first_step, desc=f"{plan.label} seed {spec.seed}",
                             disable=spec.quiet, file=sys.stderr, dynamic_ncols=True)
 
@@ -274,7 +269,7 @@ def _task(run: _Run, step: int, experience, state: dict[str, Any]) -> None:
     _record(run, step, classes_seen, scores, t0, t1, t2, t_zero, zs, n_zs)
     # Saved after evaluation: the RNG state is the one the next task starts from.
     checkpoint.save(run.checkpoint_path, {"fingerprint": checkpoint.fingerprint(run.identity), "step": step,
-                                          "method": method.checkpoint_state(), "progress": _saved(progress),
+                                          "method": method.checkpoint_state(), "progress": progress,
                                           "rng": checkpoint.rng_state()})
     _report_task(run, step, classes_seen, scores, t1 - t0, t2 - t1, n_threads, zs)
     interrupts.check()  # a Ctrl-C swallowed during the task stops here, the task checkpointed
@@ -286,7 +281,7 @@ def _record(run: _Run, step: int, classes_seen: int, scores: StepScores, t0: flo
     progress = run.progress
     progress["train_time_s"] += t1 - t0
     progress["eval_time_s"] += t2 - t1 + t0 - t_zero
-    progress["wall_time_s"] = progress["wall_before"] + (t2 - progress["started"])
+    progress["wall_time_s"] = run.wall_before + (t2 - run.started)
     progress["matrix"].append(scores.row)
     progress["step_accuracy"].append(scores.seen)
     progress["task_il_matrix"].append(scores.task_il_row)
@@ -301,11 +296,6 @@ def _record(run: _Run, step: int, classes_seen: int, scores: StepScores, t0: flo
                                  "eval_task": step, "n_samples": n_zs, "accuracy": round(zs, 4), **timing})
     results.write_metrics(run.plan.path, progress["rows"])
     loggers.log_task(run.loggers, step, classes_seen, scores, zs, run.method.clock.total_iterations)
-
-
-def _saved(progress: dict) -> dict:
-    """The progress a checkpoint keeps (not this process's clock)."""
-    return {k: v for k, v in progress.items() if k not in ("wall_before", "started")}
 
 
 def _report_task(run: _Run, step: int, classes_seen: int, scores: StepScores, train_s: float, eval_s: float,

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
 from harness.results import _fmt
+
+if TYPE_CHECKING:  # the runs come as collect_runs's DataFrame; the CLI reads METRICS without pandas
+    import pandas as pd
 
 # name -> (summary field, True where higher is better)
 METRICS = {
