@@ -1,7 +1,7 @@
 """Evaluation, identical for every method: argmax of its class scores over seen classes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from avalanche.evaluation.metrics import Accuracy, TopkAccuracy
@@ -23,6 +23,9 @@ class StepScores:
     task_il_row: list[float]
     task_il_seen: float
     top5_seen: float = 0.0  # Class-IL top-5 (top-k with k = min(5, classes seen)) on every seen class
+    # Class-IL accuracy on every seen class by each of the method's classifiers (PyCIL's "CNN", the
+    # trained head, and "NME", the nearest mean of exemplars), where it has more than one.
+    by_classifier: dict[str, float] = field(default_factory=dict)
 
     @property
     def new(self) -> float:
@@ -61,15 +64,23 @@ class Evaluator:
                 yield batch[0], torch.as_tensor(batch[1])
 
     def task_accuracy(self, scores_of, task: int, classes_seen: int, who: str,
-                      pooled: tuple[Accuracy, Accuracy, TopkAccuracy] | None = None) -> tuple[float, int, float]:
+                      pooled: tuple[Accuracy, Accuracy, TopkAccuracy] | None = None,
+                      classifiers: tuple[str, dict[str, Accuracy]] | None = None) -> tuple[float, int, float]:
         """(Class-IL accuracy, test samples, Task-IL accuracy) of scores_of(x) on `task`'s test
         data, Class-IL over the first classes_seen classes; `who` names the scorer in errors;
-        `pooled` (Class-IL, Task-IL, Class-IL top-k) accumulates the same predictions."""
+        `pooled` (Class-IL, Task-IL, Class-IL top-k) accumulates the same predictions.
+        `classifiers` = (headline, {name: pooled Class-IL accuracy}): scores_of(x) then returns a
+        dict of scores by classifier; the headline's are the figures, every one's is pooled."""
         acc, til = Accuracy(), Accuracy()
         lo, hi = self.task_classes[task][0], self.task_classes[task][-1] + 1
         n = 0
         for x, y in self._batches(task):
             scores = scores_of(x)
+            if classifiers is not None:
+                headline, by_name = classifiers
+                for name, s in scores.items():
+                    by_name[name].update(s[:, :classes_seen].argmax(1).cpu(), y)
+                scores = scores[headline]
             if scores.dim() != 2 or scores.shape[0] != len(y) or scores.shape[1] < classes_seen:
                 raise HarnessError(
                     f"{who} returned scores of shape {tuple(scores.shape)}; expected ({len(y)}, >= {classes_seen})"
@@ -90,14 +101,21 @@ class Evaluator:
         return 100.0 * acc.result(), n, 100.0 * til.result()
 
     def evaluate(self, method, step: int, classes_seen: int) -> StepScores:
-        """Every seen task's test data scored by method.class_scores."""
+        """Every seen task's test data scored by method.class_scores, or, for a method with several
+        classifiers (method.classifiers()), by method.scores_by_classifier: one forward pass for all."""
         pooled = (Accuracy(), Accuracy(), TopkAccuracy(top_k=min(5, classes_seen)))
         out = StepScores([], 0.0, [], [], 0.0)
+        names = method.classifiers()
+        classifiers = (method.headline_classifier(), {name: Accuracy() for name in names}) if names else None
+        scores_of = method.scores_by_classifier if names else method.class_scores
         for task in range(step + 1):
-            acc, n, til = self.task_accuracy(method.class_scores, task, classes_seen, f"method {method.name}", pooled)
+            acc, n, til = self.task_accuracy(scores_of, task, classes_seen, f"method {method.name}", pooled,
+                                             classifiers)
             out.row.append(acc)
             out.sizes.append(n)
             out.task_il_row.append(til)
         out.seen, out.task_il_seen = 100.0 * pooled[0].result(), 100.0 * pooled[1].result()
         out.top5_seen = 100.0 * pooled[2].result()[0]
+        if classifiers is not None:
+            out.by_classifier = {name: 100.0 * a.result() for name, a in classifiers[1].items()}
         return out

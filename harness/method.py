@@ -38,7 +38,7 @@ from harness.errors import HarnessError, RunDiverged
 from harness.params import Param
 from harness.progress import EpochProgress
 from harness.protocol import Protocol
-from harness.state import AVALANCHE_ATTRIBUTES, capture_method, restore_method
+from harness.state import AVALANCHE_ATTRIBUTES, capture_method, restore_method, tensors_in
 
 # Parameters most methods share; a method spreads the ones it uses into its `params`.
 TRAINING_PARAMS: dict[str, Param] = {
@@ -304,6 +304,19 @@ class CILMethod(SupervisedTemplate):
         self.model.eval()
         return self.model(x.to(self.device))
 
+    def classifiers(self) -> tuple[str, ...]:
+        """Names of the method's classifiers where it has several (("cnn", "nme"): its trained head and
+        the nearest mean of exemplars, both recorded after every task); () = one, class_scores."""
+        return ()
+
+    def headline_classifier(self) -> str:
+        """Which of classifiers() class_scores is: the one the method's paper reports."""
+        return ""
+
+    def scores_by_classifier(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{classifier: scores} for every name in classifiers(), from one pass over `x`."""
+        raise NotImplementedError(f"{type(self).__name__} names classifiers() but has no scores_by_classifier")
+
     def zero_shot_scores(self, x: torch.Tensor, n_classes: int) -> torch.Tensor | None:
         """Scores over the first n_classes, some of which the method has not trained on yet;
         None where it cannot score an untrained class (a classifier that grows per task).
@@ -312,6 +325,19 @@ class CILMethod(SupervisedTemplate):
 
     def memory_usage(self) -> tuple[int, int]:
         return 0, 0
+
+    def stored_bytes(self) -> int:
+        """Everything the method keeps between tasks, in bytes: the model's weights and buffers, the
+        exemplars and every other attribute it checkpoints (a teacher network, class means,
+        covariances); the optimizer's state is left out. Tensors shared by several holders count once."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for t in tensors_in([self.model.state_dict(), capture_method(self, self._not_state()), self.extra_state()]):
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
 
     # ---- a frozen teacher, for methods that distil from their previous model ------------
     old_model: nn.Module | None = None

@@ -106,3 +106,15 @@ def summarise_old_new_top5(old: Sequence[float | None], new: Sequence[float], to
         "avg_top5_accuracy": float(np.mean(top5)),
         "last_top5_accuracy": float(top5[-1]),
     }
+
+
+def summarise_classifiers(by_classifier: dict[str, Sequence[float]], headline: str) -> dict:
+    """Class-IL accuracy after each task by each of a method's classifiers (PyCIL's "cnn", the
+    trained head, and "nme", the nearest mean of exemplars), their Avg and Last; `headline`
+    names the one the run's Avg and Last are."""
+    out: dict = {"headline_classifier": headline,
+                 "classifier_step_accuracy": {k: list(map(float, v)) for k, v in by_classifier.items()}}
+    for name, accs in by_classifier.items():
+        out[f"avg_{name}_accuracy"] = average_incremental_accuracy(accs)
+        out[f"last_{name}_accuracy"] = last_accuracy(accs)
+    return out

@@ -36,7 +36,8 @@ _REQUIRED = ("protocol", "seed", "accuracy_matrix", "step_accuracy", "classes_se
 NUMERIC = ("avg_incremental_accuracy", "last_accuracy", "average_forgetting", "bwt",
            "avalanche_forgetting", "wall_time_s", "train_time_s", "eval_time_s",
            "trainable_params", "memory_exemplars", "memory_bytes", "zero_shot_mean",
-           "task_il_avg_incremental_accuracy", "task_il_last_accuracy")
+           "task_il_avg_incremental_accuracy", "task_il_last_accuracy", "avg_cnn_accuracy", "last_cnn_accuracy",
+           "avg_nme_accuracy", "last_nme_accuracy", "total_memory_bytes")
 # Display columns of the paper table, per protocol; "Zero-shot (%)" (the mean over tasks of
 # each task's accuracy before it was trained) only where some run recorded it.
 COLUMNS = ("Avg (%)", "Last (%)", "Forgetting (%)", "Seeds", "Wall time", "Params", "Exemplars")
@@ -44,6 +45,12 @@ ZERO_SHOT = "Zero-shot (%)"
 # Task-IL (the task identity given at test time): only where some run recorded it; the
 # unprefixed Avg and Last are always Class-IL.
 TASK_IL = ("Task-IL Avg (%)", "Task-IL Last (%)")
+# Both classifiers of a rehearsal method with a trained head (PyCIL's "CNN" and "NME"), where some
+# run recorded them; the unprefixed Avg and Last are the method's headline classifier.
+CLASSIFIERS = (("CNN Avg (%)", "avg_cnn_accuracy"), ("CNN Last (%)", "last_cnn_accuracy"),
+               ("NME Avg (%)", "avg_nme_accuracy"), ("NME Last (%)", "last_nme_accuracy"))
+# Everything a method keeps at the end (model, exemplars, teachers, statistics), where recorded.
+TOTAL_MEMORY = "Memory (MB)"
 # Optional column groups (`columns`), off by default so a table stays as it was; from newer
 # summaries only ("–" for older runs): group -> (heading, summary field) pairs, shown in this order.
 EXTRA_COLUMNS = {"old_new": (("Old (%)", "last_old_accuracy"), ("New (%)", "last_new_accuracy")),
@@ -201,6 +208,10 @@ def _memory(exemplars: float, nbytes: float) -> str:
     return f"{exemplars:,.0f} ({nbytes / 1e6:.1f} MB)"  # MB = 10^6 bytes
 
 
+def _megabytes(nbytes: float) -> str:
+    return "–" if math.isnan(nbytes) else f"{nbytes / 1e6:.1f}"  # MB = 10^6 bytes
+
+
 def _mean_std_columns(s: pd.DataFrame, columns: Sequence[str]) -> list[tuple[str, str]]:
     """(heading, summary field) of the paper table's "mean ± std" columns, in order: the Class-IL
     ones, Zero-shot and Task-IL where some run recorded them, then the optional groups asked for."""
@@ -209,23 +220,27 @@ def _mean_std_columns(s: pd.DataFrame, columns: Sequence[str]) -> list[tuple[str
         pairs.append((ZERO_SHOT, "zero_shot_mean"))
     if s.task_il_avg_incremental_accuracy_mean.notna().any():
         pairs += zip(TASK_IL, ("task_il_avg_incremental_accuracy", "task_il_last_accuracy"))
+    if s.avg_cnn_accuracy_mean.notna().any():
+        pairs += CLASSIFIERS
     return pairs + [pair for g in column_groups(columns) for pair in EXTRA_COLUMNS[g]]
 
 
 def paper_table(runs: pd.DataFrame, columns: Sequence[str] = ()) -> pd.DataFrame:
     """Display table: index = the rows' shown names, columns = (protocol, heading), strings; the
-    headings are COLUMNS, with Zero-shot and Task-IL where recorded and the optional `columns`
-    groups (EXTRA_COLUMNS' keys: "old_new", "top5") before Seeds."""
+    headings are COLUMNS, with Zero-shot, Task-IL and CNN/NME where recorded and the optional
+    `columns` groups (EXTRA_COLUMNS' keys: "old_new", "top5") before Seeds, and the total memory
+    (TOTAL_MEMORY) last where recorded."""
     s = summary_table(runs, columns)
     pairs = _mean_std_columns(s, columns)
-    names = [heading for heading, _ in pairs] + list(COLUMNS[3:])
+    total_memory = bool(s.total_memory_bytes_mean.notna().any())
+    names = [heading for heading, _ in pairs] + list(COLUMNS[3:]) + [TOTAL_MEMORY] * total_memory
     cells = {}
     for r in s.itertuples(index=False):
         n = r.n_seeds
         row = [_pm(getattr(r, f"{field}_mean"), getattr(r, f"{field}_std"), n) for _, field in pairs]
         cells[(r.protocol, r.label)] = row + [
             str(n), duration(r.wall_time_s_mean), _count(r.trainable_params_mean),
-            _memory(r.memory_exemplars_mean, r.memory_bytes_mean)]
+            _memory(r.memory_exemplars_mean, r.memory_bytes_mean)] + [_megabytes(r.total_memory_bytes_mean)] * total_memory
     protocols = sorted(s.protocol.unique())
     labels = ordered_labels(runs, s.label.unique())
     header = pd.MultiIndex.from_product([protocols, names], names=["protocol", ""])

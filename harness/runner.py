@@ -234,6 +234,7 @@ def _restore_or_start(run: _Run) -> None:
         })
     progress = run.progress
     progress.setdefault("zero_shot", [])
+    progress.setdefault("classifiers", {})  # {name: Class-IL accuracy after each task}, methods with several
     for key in ("task_il_matrix", "task_il_step_accuracy", "top5_step_accuracy", "old_accuracy",
                 "new_accuracy"):  # absent from checkpoints of older runs
         progress.setdefault(key, [None] * len(progress["matrix"]))
@@ -289,6 +290,8 @@ def _record(run: _Run, step: int, classes_seen: int, scores: StepScores, t0: flo
     progress["top5_step_accuracy"].append(scores.top5_seen)
     progress["old_accuracy"].append(scores.old)
     progress["new_accuracy"].append(scores.new)
+    for name, acc in scores.by_classifier.items():
+        progress["classifiers"].setdefault(name, [None] * step).append(acc)
     timing = {"train_time_s": round(t1 - t0, 3), "eval_time_s": round(t2 - t1, 3)}
     progress["rows"] += _metric_rows(step, classes_seen, scores, timing)
     if zs is not None:  # measured before this task's training, on its test data
@@ -310,7 +313,9 @@ def _report_task(run: _Run, step: int, classes_seen: int, scores: StepScores, tr
     bar.write(f"{run.plan.label} seed {spec.seed}: task {step + 1}/{run.protocol.num_tasks} "
               f"accuracy on {classes_seen} classes {scores.seen:.1f}%"
               + (f" (old {scores.old:.1f}%, new {scores.new:.1f}%)" if scores.old is not None else "")
-              + f", top-5 {scores.top5_seen:.1f}% ({train_s:.1f}s train, {eval_s:.1f}s eval{busy})"
+              + f", top-5 {scores.top5_seen:.1f}%"
+              + "".join(f", {name.upper()} {acc:.1f}%" for name, acc in scores.by_classifier.items())
+              + f" ({train_s:.1f}s train, {eval_s:.1f}s eval{busy})"
               + (f"; before training, zero-shot {zs:.1f}% on its own test data" if zs is not None else ""))
 
 
@@ -338,6 +343,10 @@ def _finish(run: _Run, state: dict[str, Any]) -> RunOutcome:
     if None not in progress["top5_step_accuracy"]:  # likewise for the optional columns
         summary.update(metrics.summarise_old_new_top5(progress["old_accuracy"], progress["new_accuracy"],
                                                       progress["top5_step_accuracy"]))
+    classifiers = progress["classifiers"]
+    if classifiers and all(None not in accs and len(accs) == protocol.num_tasks for accs in classifiers.values()):
+        summary.update(metrics.summarise_classifiers(classifiers, method.headline_classifier()))
+    summary["total_memory_bytes"] = int(method.stored_bytes())
     results.write_summary(plan.path, summary)
     failures.clear_record(plan.path)  # an earlier failure of this run is history now
     return RunOutcome(spec, "done", str(plan.path), plan.label, plan.protocol_dir, summary)
@@ -356,6 +365,8 @@ def _metric_rows(step: int, classes_seen: int, scores: StepScores, timing: dict)
                      "accuracy": round(pooled, 4), **timing})
     rows.append({**base, "scope": "top5_seen", "eval_task": "", "n_samples": sum(scores.sizes),
                  "accuracy": round(scores.top5_seen, 4), **timing})
+    rows += [{**base, "scope": f"{name}_seen", "eval_task": "", "n_samples": sum(scores.sizes),
+              "accuracy": round(acc, 4), **timing} for name, acc in scores.by_classifier.items()]
     return rows
 
 

@@ -209,6 +209,18 @@ def capture_method(method: Any, skip: set[str]) -> dict[str, Any]:
     return {"attributes": attrs, "plugins": plugins}
 
 
+def tensors_in(value: Any):
+    """Every tensor in a nest of dicts, lists, tuples and sets (what capture_method returns)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors_in(v)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from tensors_in(v)
+
+
 def restore_method(method: Any, saved: dict[str, Any]) -> None:
     refs = _Refs(method)
     name = type(method).name or type(method).__name__

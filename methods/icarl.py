@@ -12,7 +12,8 @@
 - After training: shrink old classes to the new per-class quota, herd the new classes'
   exemplars with the updated feature extractor, recompute every class mean from its
   exemplars, freeze a copy of the model as the next task's teacher.
-- Prediction: nearest mean of exemplars on L2-normalised features (cosine scores).
+- Prediction: nearest mean of exemplars on L2-normalised features (cosine scores), the
+  paper's; the head's accuracy (PyCIL's "CNN") is recorded beside it after every task.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from harness.method import SESSION_PARAMS, TRAINING_PARAMS, materialise
 from harness.params import Param
 from harness.cil.recipes import SUPERVISED_RECIPES
 from harness.registry import register_method
-from harness.cil.rehearsal import RehearsalMethod
+from harness.cil.rehearsal import HeadAndNearestMean
 
 # PyCIL's iCaRL optimiser (models/icarl.py): SGD lr 0.1, momentum 0.9, batch 128, weight
 # decay 5e-4 on the first task and 2e-4 after.
@@ -53,7 +54,7 @@ def _milestones(text: str, key: str) -> list[int]:
 
 
 @register_method("icarl")
-class ICaRL(RehearsalMethod):
+class ICaRL(HeadAndNearestMean):
     description = "iCaRL: herding exemplars, distillation (PyCIL's CE+KD or the paper's BCE), nearest-mean classifier"
     params = {
         **TRAINING_PARAMS,

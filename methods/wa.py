@@ -61,6 +61,10 @@ class WA(ICaRL):
     protocol_defaults = {family: {k: v for k, v in recipe.items() if k not in _NOT_WA}
                          for family, recipe in RECIPES.items()}
 
+    @property
+    def headline(self) -> str:
+        return self.hp["classifier"]
+
     def criterion(self):
         if not self.is_training:
             return CILMethod.criterion(self)
@@ -72,8 +76,3 @@ class WA(ICaRL):
             align_new_class_weights(self.model.head.classifier, len(self.experience.classes_in_this_experience))
         super()._after_training_exp(**kwargs)
 
-    @torch.no_grad()
-    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hp["classifier"] == "nme":
-            return super().class_scores(x)
-        return CILMethod.class_scores(self, x)

@@ -5,7 +5,10 @@
 - `NearestMeanClassifier`: prediction by the nearest class mean of the features
   (`self.means`: unit rows; None = predict with the model's head);
 - `RehearsalMethod`: both, and a frozen previous model (`self.old_model`) whose logits are
-  computed once per task (iCaRL, MAE-CIL).
+  computed once per task (iCaRL, MAE-CIL);
+- `HeadAndNearestMean`: a rehearsal method with a trained head, scored after every task by
+  both classifiers, PyCIL's "CNN" (the head) and "NME" (the nearest mean of exemplars);
+  `headline` says which one class_scores is.
 
 The harness checkpoints the memory, the means and the teacher as the method's attributes.
 """
@@ -56,3 +59,29 @@ class RehearsalMethod(ExemplarReplay, NearestMeanClassifier):
     def make_train_dataloader(self, **kwargs):
         super().make_train_dataloader(**kwargs)
         self.precompute_teacher_logits()
+
+
+class HeadAndNearestMean(RehearsalMethod):
+    headline = "nme"  # a subclass whose paper reports the head sets "cnn"
+
+    def head_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The trained head's logits for backbone features (a bias-corrected head overrides it)."""
+        return self.model.head(features)
+
+    def classifiers(self) -> tuple[str, ...]:
+        return ("cnn", "nme") if self.means is not None else ()
+
+    def headline_classifier(self) -> str:
+        return self.headline
+
+    @torch.no_grad()
+    def scores_by_classifier(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.model.eval()
+        features = self.model.features(x.to(self.device))
+        return {"cnn": self.head_scores(features), "nme": nme_scores(features, self.means)}
+
+    @torch.no_grad()
+    def class_scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.means is None:
+            return CILMethod.class_scores(self, x)
+        return self.scores_by_classifier(x)[self.headline]
