@@ -1,9 +1,10 @@
 """A method of ours vs PyCIL's own, on the same stream, in one run: `--model icarl` (ours
-`loss=ce_kd`) or `--model wa`.
+`loss=ce_kd`), `wa`, `bic` or `der` (ours `der_expand`).
 
 PyCIL (https://github.com/G-U-N/PyCIL) is neither a dependency nor vendored: point
 `--pycil` at a local checkout. Its `models/<model>.py` trains as shipped (iCaRL: softmax CE +
-KD at T=2, herding, NME; WA: (1-λ) CE + λ KD, weight aligning, the head; both SGD momentum
+KD at T=2, herding, NME; WA: (1-λ) CE + λ KD, weight aligning, the head; BiC: WA's loss, a bias layer fitted on a held-out
+split, the head; DER: an extractor per task, CE + auxiliary CE, weight aligning, the head; all SGD momentum
 0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and MultiStepLR per
 task); this script only
 - hands it the harness's QuickDraw stream (same classes, same order, same train/test split)
@@ -20,16 +21,17 @@ task); this script only
   `ConvNetBN`; `--backbone resnet32` keeps PyCIL's own ResNet-32 (3 input channels: the
   grey image is repeated).
 Both are scored by the harness's Evaluator (PyCIL's iCaRL by NME through its own class
-means and feature extractor, its WA by its head's logits); PyCIL's own top-1 after each task
-(NME for iCaRL, CNN for WA) is printed too, as a check that the two evaluations agree. Wall
-time = training + evaluation of the whole stream in this process (PyCIL also measures test
-accuracy every 5 epochs, as it ships). `--csv FILE` appends one line
+means and feature extractor, the others by their head's logits, as PyCIL's CNN accuracy);
+PyCIL's own top-1 after each task (NME for iCaRL, CNN for the others) is printed too, as a
+check that the two evaluations agree. Wall time = training + evaluation of the whole stream in
+this process (PyCIL also measures test accuracy every 5 epochs, as it ships; BiC's accuracy
+after every epoch of both of its stages is skipped, see PyCILLearner). `--csv FILE` appends one line
 (method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s), e.g. to
 results/reference/quickdraw100_10x10/peers.csv.
 
-    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa] [--protocol quickdraw100_10x10]
+    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa|bic|der] [--protocol quickdraw100_10x10]
         [--seed 0] [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
-        [--max-train-per-class N] [--pycil-workers 8] [--csv FILE]
+        [--max-train-per-class N] [--pycil-workers 8] [--csv FILE] [--ours-only]
 """
 from __future__ import annotations
 
@@ -58,8 +60,12 @@ from peer_icarl import run_side_by_side  # noqa: E402
 
 # PyCIL's schedules for CIFAR-100 (models/icarl.py, models/wa.py), scaled to --epochs.
 PYCIL_INIT = (200, (60, 120, 170))
-PYCIL_LATER = {"icarl": (170, (80, 120)), "wa": (170, (60, 100, 140))}
-PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA"}
+# BiC has one schedule for every task: its first task's is set to its later one.
+PYCIL_LATER = {"icarl": (170, (80, 120)), "wa": (170, (60, 100, 140)), "bic": (170, (60, 100, 140)),
+               "der": (170, (80, 120, 150))}
+PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA", "bic": "BiC", "der": "DER"}
+OURS = {"der": "der_expand"}  # our name where it differs from PyCIL's (Avalanche's `der` is another method)
+HEAD_SCORED = ("wa", "bic", "der")  # scored by their head (PyCIL's CNN accuracy); iCaRL by NME
 CSV_HEADER = "method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s"
 
 
@@ -88,14 +94,15 @@ def load_pycil(root: Path) -> dict:
     sys.path.insert(0, str(root))
     try:
         return {name: importlib.import_module(name)
-                for name in ("models.icarl", "models.wa", "utils.data_manager", "utils.data", "utils.inc_net")}
+                for name in (*(f"models.{m}" for m in PYCIL_CLASS), "utils.data_manager", "utils.data",
+                             "utils.inc_net")}
     except ImportError as e:
         raise HarnessError(f"--pycil {root}: PyCIL does not import here ({e})") from None
 
 
 class PyCILLearner:
     """PyCIL's iCaRL or WA behind the harness contract (learn / class_scores / memory_usage).
-    `own` collects PyCIL's own top-1 after each task (NME for iCaRL, CNN for WA)."""
+    `own` collects PyCIL's own top-1 after each task (NME for iCaRL, CNN for the others)."""
 
     def __init__(self, pycil: dict, model: str, data, device: torch.device, epochs: int, per_class: int,
                  backbone: str, padding: int, workers: int, seed: int, own: list[float]):
@@ -104,10 +111,11 @@ class PyCILLearner:
         from torchvision import transforms
 
         module.init_epoch, module.epochs = epochs, epochs
-        module.init_milestones = scaled(PYCIL_INIT, epochs)
+        module.init_milestones = scaled(PYCIL_LATER[model] if model == "bic" else PYCIL_INIT, epochs)
         module.milestones = scaled(PYCIL_LATER[model], epochs)
         module.num_workers = workers
-        module.tqdm = functools.partial(module.tqdm, disable=True)  # its per-epoch progress bars
+        if hasattr(module, "tqdm"):
+            module.tqdm = functools.partial(module.tqdm, disable=True)  # its per-epoch progress bars
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores
 
         train_x, train_y = materialise(data.train)
@@ -139,13 +147,26 @@ class PyCILLearner:
                 "init_cls": p.first_task_classes, "increment": p.increment, "pretrained": False}
         self.manager = data_manager.DataManager("quickdraw", False, seed, p.first_task_classes, p.increment)
         self.learner = getattr(module, PYCIL_CLASS[model])(args)
+        if model == "bic":
+            # PyCIL's BiC holds out int(0.1 * memory_size / known classes) samples per class, memory_size
+            # / known classes being the exemplars per class of a shared budget; with a fixed number per
+            # class it is set to that number x the known classes, so 10% of each class's exemplars are
+            # held out (2 of 20), as on our side. Its accuracy on the training and test sets after every
+            # epoch of both stages is a log line that changes nothing: skipped, to time the training.
+            self.learner._compute_accuracy = lambda *a, **k: 0.0
+            train = self.learner.incremental_train
+
+            def incremental_train(manager):
+                self.learner._memory_size = per_class * max(1, self.learner._known_classes)
+                return train(manager)
+            self.learner.incremental_train = incremental_train
         self.model, self.device, self.channels3, self.own = model, device, backbone == "resnet32", own
         self.name = f"pycil:{model}"  # how the evaluator names it in errors
 
     def learn(self, experience):
         self.learner.incremental_train(self.manager)
         cnn, nme = self.learner.eval_task()
-        self.own.append(float((nme if self.model == "icarl" else cnn)["top1"]))
+        self.own.append(float((cnn if self.model in HEAD_SCORED else nme)["top1"]))
         self.learner.after_task()
 
     @torch.no_grad()
@@ -154,7 +175,7 @@ class PyCILLearner:
         x = x.to(self.device)
         if self.channels3:
             x = x.expand(-1, 3, -1, -1)
-        if self.model == "wa":  # the aligned head, as PyCIL's CNN accuracy
+        if self.model in HEAD_SCORED:  # the aligned or bias-corrected head, as PyCIL's CNN accuracy
             return net(x)["logits"][:, : self.learner._total_classes]
         f = F.normalize(net.extract_vector(x).float(), dim=1)
         means = torch.as_tensor(self.learner._class_means[: self.learner._total_classes], dtype=torch.float32)
@@ -166,22 +187,26 @@ class PyCILLearner:
 
 
 def our_params(model: str, data, epochs: int, per_class: int, backbone: str) -> dict:
-    sets = [(model, "memory_per_class", str(per_class)), (model, "backbone", backbone)]
+    name = OURS.get(model, model)
+    sets = [(name, "memory_per_class", str(per_class)), (name, "backbone", backbone)]
     sets += [("icarl", "loss", "ce_kd")] if model == "icarl" else []
-    return resolve_params(METHODS.get(model), data.protocol.family, sets, {"epochs": epochs})[0]
+    return resolve_params(METHODS.get(name), data.protocol.family, sets, {"epochs": epochs})[0]
 
 
 def ours(model: str, data, device, hp: dict, seed: int):
     p = data.protocol
-    return METHODS.get(model)(context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True),
-                              hp=hp)
+    return METHODS.get(OURS.get(model, model))(
+        context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True), hp=hp)
 
 
-def append_csv(path: Path, model: str, seed: int, ours_r: dict, peer_r: dict) -> None:
-    """One line of peers.csv (header written with the first line)."""
-    line = ",".join([model, f"pycil:{model}", str(seed)] + [f"{v:.2f}" for v in (
-        ours_r["avg_incremental_accuracy"], ours_r["last_accuracy"], peer_r["avg_incremental_accuracy"],
-        peer_r["last_accuracy"])] + [f"{ours_r['wall_time_s']:.0f}", f"{peer_r['wall_time_s']:.0f}"])
+def append_csv(path: Path, model: str, seed: int, ours_r: dict, peer_r: dict | None) -> None:
+    """One line of peers.csv (header written with the first line); the peer's fields empty where
+    it was not run (--ours-only)."""
+    peer = ["", "", ""] if peer_r is None else [f"{peer_r['avg_incremental_accuracy']:.2f}",
+                                                f"{peer_r['last_accuracy']:.2f}", f"{peer_r['wall_time_s']:.0f}"]
+    line = ",".join([OURS.get(model, model), f"pycil:{model}", str(seed),
+                     f"{ours_r['avg_incremental_accuracy']:.2f}", f"{ours_r['last_accuracy']:.2f}", *peer[:2],
+                     f"{ours_r['wall_time_s']:.0f}", peer[2]])
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", encoding="utf-8") as fh:
         fh.write((CSV_HEADER + "\n" if new else "") + line + "\n")
@@ -200,6 +225,8 @@ def main() -> None:
     ap.add_argument("--pycil-workers", type=int, default=8, help="PyCIL's DataLoader workers (it ships 8)")
     ap.add_argument("--max-train-per-class", type=int, help="cap the training data (quick checks)")
     ap.add_argument("--tasks", type=int, help="stop after this many tasks")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="run our side alone (a second seed of ours beside the peer's first)")
     args = ap.parse_args()
     discover(())
     device = torch.device("cpu")
@@ -214,24 +241,26 @@ def main() -> None:
     print(f"{args.protocol}, seed {args.seed}, {args.backbone}, {args.epochs} epochs/task, "
           f"{args.memory_per_class} exemplars per class, "
           f"{torch.get_num_threads()} CPU threads\n  ours: lr {hp['lr']} batch {hp['batch_size']}, weight decay "
-          f"{hp['init_weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
+          f"{hp['init_weight_decay'] if hp['init_weight_decay'] >= 0 else hp['weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
           f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, multistep milestones "
-          f"{scaled(PYCIL_INIT, args.epochs)} then {scaled(PYCIL_LATER[args.model], args.epochs)}", flush=True)
+          f"{scaled(PYCIL_LATER[args.model] if args.model == 'bic' else PYCIL_INIT, args.epochs)} then "
+          f"{scaled(PYCIL_LATER[args.model], args.epochs)}", flush=True)
     own: list[float] = []
-    ours_name = f"ours (methods/{args.model}.py" + (", loss=ce_kd)" if args.model == "icarl" else ")")
+    ours_name = f"ours (methods/{OURS.get(args.model, args.model)}.py" + (", loss=ce_kd)" if args.model == "icarl" else ")")
     peer_name = f"PyCIL models/{args.model}.py"
-    learners = {
-        ours_name: lambda: ours(args.model, data, device, hp, args.seed),
-        peer_name: lambda: PyCILLearner(pycil, args.model, data, device, args.epochs, args.memory_per_class,
-                                        args.backbone, hp["crop_padding"], args.pycil_workers, args.seed, own),
-    }
+    learners = {ours_name: lambda: ours(args.model, data, device, hp, args.seed)}
+    if not args.ours_only:
+        learners[peer_name] = lambda: PyCILLearner(pycil, args.model, data, device, args.epochs, args.memory_per_class,
+                                                   args.backbone, hp["crop_padding"], args.pycil_workers, args.seed,
+                                                   own)
     results: dict = {}
     width = run_side_by_side(learners, data, args.seed, args.tasks, results)
-    which = "NME" if args.model == "icarl" else "CNN"
-    print(f"{f'PyCIL own eval_task {which} top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
-          + " ".join(f"{a:.1f}" for a in own))
+    which = "CNN" if args.model in HEAD_SCORED else "NME"
+    if not args.ours_only:
+        print(f"{f'PyCIL own eval_task {which} top-1':{width}}  {'':>7} {'':>7} {'':>8} {'':>7} {'':>7} {'':>7}  "
+              + " ".join(f"{a:.1f}" for a in own))
     if args.csv:
-        append_csv(args.csv, args.model, args.seed, results[ours_name], results[peer_name])
+        append_csv(args.csv, args.model, args.seed, results[ours_name], results.get(peer_name))
         print(f"appended to {args.csv}")
 
 if __name__ == "__main__":

@@ -94,13 +94,22 @@ class _FinalScores:
             return out
         return recording
 
+    def scores_by_classifier(self, scores_by_classifier):
+        def recording(method, x):  # every classifier's scores (a method scored by several, e.g. CNN and NME)
+            out = scores_by_classifier(method, x)
+            self.by_task.setdefault(self.learned, []).append(
+                torch.cat([out[k].detach().cpu() for k in sorted(out)], dim=1))
+            return out
+        return recording
+
     def last(self) -> torch.Tensor:
         return torch.cat(self.by_task[max(self.by_task)])
 
 
 @contextmanager
 def _recording(cls: type, recorder: _FinalScores):
-    with _patched(cls, "learn", recorder.learn), _patched(cls, "class_scores", recorder.class_scores):
+    with _patched(cls, "learn", recorder.learn), _patched(cls, "class_scores", recorder.class_scores), \
+            _patched(cls, "scores_by_classifier", recorder.scores_by_classifier):
         yield
 
 

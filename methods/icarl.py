@@ -55,7 +55,8 @@ def _milestones(text: str, key: str) -> list[int]:
 
 @register_method("icarl")
 class ICaRL(HeadAndNearestMean):
-    description = "iCaRL: herding exemplars, distillation (PyCIL's CE+KD or the paper's BCE), nearest-mean classifier"
+    description = ("iCaRL: herding exemplars, distillation (PyCIL's CE+KD or the paper's BCE); headline: the "
+                   "nearest mean of exemplars (NME), the head (CNN) beside it")
     params = {
         **TRAINING_PARAMS,
         **SESSION_PARAMS,

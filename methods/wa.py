@@ -52,7 +52,7 @@ def wa_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | 
 @register_method("wa")
 class WA(ICaRL):
     description = ("WA (Zhao et al., CVPR 2020): iCaRL's exemplars and KD weighted by the old classes' share, "
-                   "new classes' weights aligned to the old norms; prediction by the head (CNN)")
+                   "new classes' weights aligned to the old norms; headline: the head (CNN), NME beside it")
     params = {
         **{k: p for k, p in ICaRL.params.items() if k not in _NOT_WA},
         "classifier": Param("cnn", "cnn: the aligned head (the paper's and PyCIL's headline); nme: nearest mean "
