@@ -39,9 +39,15 @@ class Registry(Generic[T]):
         self._sources: dict[str, str] = {}  # name -> file that registered it, as shown to users
         self._paths: dict[str, str] = {}  # name -> that file's path (None: not a file of its own)
 
-    def register(self, name: str, item: T, source: str | None = None) -> T:
-        """`source`: where it is defined, as shown to users (default: the file being imported)."""
+    def register(self, name: str, item: T, source: str | None = None, defined_in: str | None = None) -> T:
+        """`source`: where it is defined, as shown to users (default: the file being imported).
+        `defined_in`: the file of the module that defines it, where known: a file imported by
+        another (methods/bic.py imports methods/wa.py) is then named, not the importing one."""
         shown, path = _importing[-1] if _importing else ("<unknown file>", None)
+        if defined_in and path and os.path.realpath(defined_in) != os.path.realpath(path):
+            same_folder = os.path.dirname(os.path.realpath(defined_in)) == os.path.dirname(os.path.realpath(path))
+            shown = str(Path(shown).parent / Path(defined_in).name) if same_folder else defined_in
+            path = os.path.realpath(defined_in)
         source = source or shown
         # The same definition imported twice (two copies of a plugin file) is harmless.
         if name in self._items and self._items[name] is not item and self._items[name] != item:
@@ -102,7 +108,7 @@ def register_method(name: str) -> Callable[[type], type]:
             if unknown:
                 raise HarnessError(f"method '{name}': its {which} recipe sets {', '.join(unknown)}, "
                                    f"which its params do not declare")
-        return METHODS.register(name, cls)
+        return METHODS.register(name, cls, defined_in=getattr(sys.modules.get(cls.__module__), "__file__", None))
 
     return deco
 

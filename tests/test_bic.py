@@ -81,3 +81,12 @@ def test_the_correction_stage_moves_the_newest_pair_alone_with_pycil_s_loss(monk
     assert moved == {"bias.alpha.1", "bias.beta.1"}
     assert len(losses) == 3 and all(torch.allclose(s.sum(1), torch.ones(len(s))) for s in losses)  # softmax inputs
     assert m.held_out is None and not any(p.requires_grad for p in m.model.bias.parameters())
+
+
+def test_a_method_file_imported_by_another_is_still_its_own_source():
+    # methods/bic.py imports methods/wa.py and methods/icarl.py before discover reaches them
+    from harness.identity import method_files
+    discover(())
+    assert METHODS.source("icarl") == "methods/icarl.py" and METHODS.source("wa") == "methods/wa.py"
+    files = [Path(f).name for f in method_files(METHODS.get("wa"), METHODS.path("wa"))]
+    assert files == ["wa.py", "icarl.py"]
