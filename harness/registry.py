@@ -44,7 +44,9 @@ class Registry(Generic[T]):
         `defined_in`: the file of the module that defines it, where known: a file imported by
         another (methods/bic.py imports methods/wa.py) is then named, not the importing one."""
         shown, path = _importing[-1] if _importing else ("<unknown file>", None)
-        if defined_in and path and os.path.realpath(defined_in) != os.path.realpath(path):
+        if defined_in and path is None:  # imported outside discover (a test, an API user): its folder/file
+            shown, path = f"{Path(defined_in).parent.name}/{Path(defined_in).name}", os.path.realpath(defined_in)
+        elif defined_in and os.path.realpath(defined_in) != os.path.realpath(path):
             same_folder = os.path.dirname(os.path.realpath(defined_in)) == os.path.dirname(os.path.realpath(path))
             shown = str(Path(shown).parent / Path(defined_in).name) if same_folder else defined_in
             path = os.path.realpath(defined_in)
