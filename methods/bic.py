@@ -109,12 +109,7 @@ class BiC(WA):
         pair = self.model.bias.train_only(task)
         optimizer = torch.optim.SGD(pair, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         epochs = hp["bias_epochs"] or self.train_epochs
-        if hp["lr_schedule"] == "multistep":
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones["later"], hp["lr_decay"])
-        elif hp["lr_schedule"] == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        else:
-            scheduler = None
+        scheduler = self.task_scheduler(optimizer, epochs, first=False)
         augment = self.augmentation()
         self.model.train()  # PyCIL's _run: batch-norm statistics follow these batches
         for _ in range(epochs):

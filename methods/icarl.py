@@ -104,17 +104,20 @@ class ICaRL(HeadAndNearestMean):
         self.train_epochs = hp["init_epochs"] if first and hp["init_epochs"] else hp["epochs"]
         decay = hp["init_weight_decay"] if first and hp["init_weight_decay"] >= 0 else hp["weight_decay"]
         self.restart_optimizer(weight_decay=decay)
-        if self.hp["lr_schedule"] == "multistep":
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                self.optimizer, self.milestones["init" if first else "later"], self.hp["lr_decay"])
-        elif self.hp["lr_schedule"] == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.train_epochs)
-        else:
-            self.scheduler = None
+        self.scheduler = self.task_scheduler(self.optimizer, self.train_epochs, first)
         self.train(experience)
         self._update_memory(experience)
         self.means = self._exemplar_means()
         self.old_model = frozen_copy(self.model)
+
+    def task_scheduler(self, optimizer, epochs: int, first: bool):
+        """This task's lr schedule (`lr_schedule`) over `epochs`, stepped after each epoch; None for none."""
+        if self.hp["lr_schedule"] == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, self.milestones["init" if first else "later"], self.hp["lr_decay"])
+        if self.hp["lr_schedule"] == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return None
 
     def _after_training_epoch(self, **kwargs):
         super()._after_training_epoch(**kwargs)
