@@ -332,4 +332,21 @@ def write_figures(runs: pd.DataFrame, out_dir: str | Path, embedded: list | None
         if embedded is not None:
             embedded.append((f, png_bytes(f.fig, EMBED_DPI, close=False)))
         paths += _save(f.fig, Path(out_dir), f.stem)
+    _remove_stale(Path(out_dir), runs, set(paths))
     return paths
+
+
+_PROTOCOL_FIGURES = ("acc_vs_classes", "acc_vs_classes_task_il", "forgetting", "performance_drop")
+
+
+def _remove_stale(out_dir: Path, runs: pd.DataFrame, written: set[Path]) -> None:
+    """Figures of these protocols drawn earlier but not now (a run no longer in the results, a removed
+    experiment row): the folder then holds what the table and the page show. Only this module's figure
+    names for these protocols are touched; any other file in the folder stays."""
+    slugs = _slugs(runs.protocol.unique()).values()
+    exact = {f"{kind}_{ps}" for kind in _PROTOCOL_FIGURES for ps in slugs}
+    matrices = tuple(f"accuracy_matrix_{ps}_" for ps in slugs)
+    for path in out_dir.glob("*"):
+        if path.suffix in (".png", ".pdf") and path not in written \
+                and (path.stem in exact or path.stem.startswith(matrices)):
+            path.unlink()

@@ -154,6 +154,14 @@ def test_the_reference_report_renders_in_headless_chromium(tmp_path):
     _renders(REFERENCE, figures, tmp_path)
 
 
+def test_the_reference_figures_are_those_of_the_reference_page():
+    """A figure left in plots/ by a run no longer in the results would be shown by no page (checked without a
+    browser, so a checkout without chromium catches it too)."""
+    for report in sorted(REFERENCE.parent.glob("*/report.html")):
+        pngs = len(list((report.parent / "plots").glob("*.png")))
+        assert report.read_text(encoding="utf-8").count("<img") == pngs, report.parent.name
+
+
 def _renders(results: Path, n_images: int, tmp_path: Path) -> None:
     """No console error, every figure decoded and shown, the table's cells those of table.csv."""
     browser = _browser()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -96,6 +97,27 @@ def test_single_seed_and_one_task(tmp_path):
     assert sorted(p.name for p in write_figures(collect_runs([tmp_path]), tmp_path / "f")) == [
         "acc_vs_classes_one.pdf", "acc_vs_classes_one.png",
         "accuracy_matrix_one_m.pdf", "accuracy_matrix_one_m.png"]  # no forgetting plot
+
+
+def test_a_figure_of_a_run_no_longer_in_the_results_is_removed(tmp_path):
+    """plots/ holds what the table shows: a removed run's matrix goes, other protocols' and other files stay."""
+    def write(label):
+        d = tmp_path / "runs" / label
+        d.mkdir(parents=True)
+        s = {"protocol": "one", "label": label, "method": label, "seed": 0, "classes_seen": [10],
+             **summarise([[80.0]], [80.0])}
+        (d / "summary.json").write_text(json.dumps(s))
+    write("a"), write("b")
+    out = tmp_path / "plots"
+    write_figures(collect_runs([tmp_path / "runs"]), out)
+    assert (out / "accuracy_matrix_one_b.png").exists()
+    kept = [out / "accuracy_matrix_other_x.png", out / "notes.png", out / "accuracy_matrix_one_b.txt"]
+    for k in kept:
+        k.write_bytes(b"x")
+    shutil.rmtree(tmp_path / "runs" / "b")
+    written = write_figures(collect_runs([tmp_path / "runs"]), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in written] + [k.name for k in kept])
+    assert not (out / "accuracy_matrix_one_b.pdf").exists()
 
 
 def test_write_report_files_parse(runs, results, tmp_path):
