@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# One test worker per core (pytest-xdist); a test file's tests share a worker (their module fixtures run once).
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: setup run test bench docs clean-results
 
