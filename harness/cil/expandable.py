@@ -9,6 +9,11 @@ Representation for Class Incremental Learning", CVPR 2021), as PyCIL's `DERNet` 
 - an auxiliary classifier on the newest extractor's features alone tells the new classes apart
   and lumps every old class into one output (index 0), trained beside the main loss.
 
+With a `trunk` (Zhou et al., "A Model or 603 Exemplars: Towards Memory-Efficient Class-Incremental
+Learning", ICLR 2023, MEMO; PyCIL's `AdaptiveNet`), the extractors that grow are the network's
+specialised last blocks, and they all read one shared trunk of generalised blocks, which keeps
+training on every task (PyCIL's `train_base`); without one (DER) each extractor reads the image.
+
 It is an Avalanche `DynamicModule`: the harness's training and its checkpoints' resume grow it
 through the same adaptation calls, so a resumed run rebuilds the same shapes before loading.
 """
@@ -31,8 +36,9 @@ def simple_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 class ExpandableNet(DynamicModule):
-    def __init__(self, make_backbone: Callable[[], nn.Module]):
+    def __init__(self, make_backbone: Callable[[], nn.Module], trunk: nn.Module | None = None):
         super().__init__()
+        self.trunk = trunk if trunk is not None else nn.Identity()
         self.backbones = nn.ModuleList([make_backbone()])
         self.out_dim = self.backbones[0].out_dim
         self.head: nn.Linear | None = None  # over every extractor's features, built by adaptation
@@ -70,9 +76,11 @@ class ExpandableNet(DynamicModule):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(x)
         return torch.cat([b(x) for b in self.backbones], dim=1)
 
     def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.trunk(x)
         parts = [b(x) for b in self.backbones]
         return self.head(torch.cat(parts, dim=1)), self.aux_head(parts[-1])
 

@@ -14,6 +14,7 @@ from avalanche.models import IncrementalClassifier
 from torch import nn
 
 from harness.registry import BACKBONES
+from harness.errors import HarnessError
 
 
 def backbone(name: str):
@@ -77,6 +78,15 @@ class ConvNetBN(nn.Module):
     def forward(self, x):
         return self.pool(self.body(x)).flatten(1)
 
+    def stage_maps(self, x) -> list[torch.Tensor]:
+        """Each stage's output feature map, before the pooling that follows it (PODNet distils them)."""
+        maps = []
+        for layer in self.body:
+            if isinstance(layer, nn.MaxPool2d):
+                maps.append(x)
+            x = layer(x)
+        return [*maps, x]
+
 
 @backbone("convnet_bn")
 def convnet_bn(in_channels: int, image_size: int) -> nn.Module:
@@ -123,10 +133,41 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         return self.pool(self.feature_map(x)).flatten(1)
 
+    def stage_maps(self, x) -> list[torch.Tensor]:
+        """Each stage's output feature map (16, 32, 64 channels), as PyCIL's resnet32 returns its `fmaps`."""
+        x, maps, n = self.stem(x), [], len(self.layers) // 3
+        for i in range(3):
+            x = self.layers[i * n:(i + 1) * n](x)
+            maps.append(x)
+        return maps
+
 
 @backbone("resnet32")
 def resnet32(in_channels: int, image_size: int) -> nn.Module:
     return CifarResNet(in_channels, depth=32)
+
+
+class _LastStage(nn.Module):
+    """A network's last stage + global average pool: features from the earlier stages' feature map."""
+
+    def __init__(self, body: nn.Module, out_dim: int):
+        super().__init__()
+        self.body, self.pool, self.out_dim = body, nn.AdaptiveAvgPool2d(1), out_dim
+
+    def forward(self, x):
+        return self.pool(self.body(x)).flatten(1)
+
+
+def split_last_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the earlier stages, the last stage with the pool) of a three-stage network: MEMO's generalised
+    and specialised blocks (PyCIL's memo_resnet32 puts stages 1-2 in the first, stage 3 in the second)."""
+    if isinstance(net, ConvNetBN):
+        cut = len(net.body) - 6  # the last stage: two conv + BN + ReLU
+        return net.body[:cut], _LastStage(net.body[cut:], net.out_dim)
+    if isinstance(net, CifarResNet):
+        cut = 2 * len(net.layers) // 3
+        return nn.Sequential(net.stem, net.layers[:cut]), _LastStage(net.layers[cut:], net.out_dim)
+    raise HarnessError(f"{type(net).__name__} has no generalised/specialised split: use convnet_bn or resnet32")
 
 
 @backbone("resnet18")
