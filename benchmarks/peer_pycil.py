@@ -1,10 +1,13 @@
 """A method of ours vs PyCIL's own, on the same stream, in one run: `--model icarl` (ours
-`loss=ce_kd`), `wa`, `bic` or `der` (ours `der_expand`).
+`loss=ce_kd`), `wa`, `bic`, `der` (ours `der_expand`), `memo` or `podnet`.
 
 PyCIL (https://github.com/G-U-N/PyCIL) is neither a dependency nor vendored: point
 `--pycil` at a local checkout. Its `models/<model>.py` trains as shipped (iCaRL: softmax CE +
 KD at T=2, herding, NME; WA: (1-λ) CE + λ KD, weight aligning, the head; BiC: WA's loss, a bias layer fitted on a held-out
-split, the head; DER: an extractor per task, CE + auxiliary CE, weight aligning, the head; all SGD momentum
+split, the head; DER: an extractor per task, CE + auxiliary CE, weight aligning, the head; MEMO: DER's, growing the
+last stage alone on a shared trunk (its settings are exps/memo.json's, its epochs and milestones scaled as
+the others' module constants); PODNet: NCA on its proxies' classifier, POD-spatial and POD-flat,
+class-balanced fine-tuning (its 160 + 20 epochs scaled to --epochs), cosine schedule, NME; all SGD momentum
 0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and MultiStepLR per
 task); this script only
 - hands it the harness's QuickDraw stream (same classes, same order, same train/test split)
@@ -29,9 +32,9 @@ after every epoch of both of its stages is skipped, see PyCILLearner). `--csv FI
 (method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s), e.g. to
 results/reference/quickdraw100_10x10/peers.csv.
 
-    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa|bic|der] [--protocol quickdraw100_10x10]
+    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa|bic|der|memo|podnet] [--protocol quickdraw100_10x10]
         [--seed 0] [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
-        [--max-train-per-class N] [--pycil-workers 8] [--csv FILE] [--ours-only]
+        [--max-train-per-class N] [--pycil-workers 8] [--csv FILE] [--ours-only] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.nn.backbones import ConvNetBN  # noqa: E402
+from harness.nn.backbones import ConvNetBN, split_last_stage  # noqa: E402
 from harness.data import prepare  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.method import MethodContext, materialise  # noqa: E402
@@ -62,10 +65,11 @@ from peer_icarl import run_side_by_side  # noqa: E402
 PYCIL_INIT = (200, (60, 120, 170))
 # BiC has one schedule for every task: its first task's is set to its later one.
 PYCIL_LATER = {"icarl": (170, (80, 120)), "wa": (170, (60, 100, 140)), "bic": (170, (60, 100, 140)),
-               "der": (170, (80, 120, 150))}
-PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA", "bic": "BiC", "der": "DER"}
+               "der": (170, (80, 120, 150)), "memo": (170, (80, 120, 150)), "podnet": (160, ())}
+PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA", "bic": "BiC", "der": "DER", "memo": "MEMO", "podnet": "PODNet"}
+PODNET_EPOCHS, PODNET_FT_EPOCHS = 160, 20  # models/podnet.py's, scaled to --epochs
 OURS = {"der": "der_expand"}  # our name where it differs from PyCIL's (Avalanche's `der` is another method)
-HEAD_SCORED = ("wa", "bic", "der")  # scored by their head (PyCIL's CNN accuracy); iCaRL by NME
+HEAD_SCORED = ("wa", "bic", "der", "memo")  # scored by their head (PyCIL's CNN accuracy); iCaRL by NME
 CSV_HEADER = "method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s"
 
 
@@ -83,8 +87,22 @@ class _PyCILConvNet(nn.Module):
         self.out_dim = self.net.out_dim
 
     def forward(self, x):
-        fmap = self.net.body(x)
-        return {"fmaps": [fmap], "features": self.net.pool(fmap).flatten(1)}
+        maps = self.net.stage_maps(x)  # each stage's output: PODNet's POD-spatial reads them
+        return {"fmaps": maps, "features": self.net.pool(maps[-1]).flatten(1)}
+
+
+def _memo_parts(in_channels: int, args=None, pretrained=False):
+    """Our ConvNetBN cut as ours is (split_last_stage), as PyCIL's get_convnet gives MEMO its
+    (generalised, specialised) pair; the specialised block names its width `feature_dim`."""
+    trunk, block = split_last_stage(ConvNetBN(in_channels))
+    block.feature_dim = block.out_dim
+    return trunk, block
+
+
+# exps/memo.json's settings but its schedule's length, which the learner scales (its CIFAR-100 values).
+MEMO_JSON = {"train_base": True, "train_adaptive": False, "skip": False, "scheduler": "steplr", "t_max": None,
+             "init_lr": 0.1, "init_weight_decay": 5e-4, "init_lr_decay": 0.1, "lrate": 0.1, "batch_size": 128,
+             "weight_decay": 2e-4, "lrate_decay": 0.1, "alpha_aux": 1.0}
 
 
 def load_pycil(root: Path) -> dict:
@@ -140,13 +158,20 @@ class PyCILLearner:
 
         data_manager._get_idata = lambda name: QuickDraw()
         if backbone == "convnet_bn":
-            inc_net.get_convnet = lambda args, pretrained=False: _PyCILConvNet(data.protocol.channels)
+            inc_net.get_convnet = (functools.partial(_memo_parts, data.protocol.channels) if model == "memo" else
+                                   lambda args, pretrained=False: _PyCILConvNet(data.protocol.channels))
         p = data.protocol
-        args = {"convnet_type": backbone, "device": [device], "memory_size": per_class * p.num_classes,
+        args = {"convnet_type": "memo_resnet32" if model == "memo" else backbone, "device": [device], "memory_size": per_class * p.num_classes,
                 "fixed_memory": True, "memory_per_class": per_class, "seed": seed, "model_name": model, "dataset": "quickdraw",
                 "init_cls": p.first_task_classes, "increment": p.increment, "pretrained": False}
         self.manager = data_manager.DataManager("quickdraw", False, seed, p.first_task_classes, p.increment)
+        if model == "memo":  # MEMO reads its settings from args (exps/memo.json), not module constants
+            args.update(MEMO_JSON, init_epoch=epochs, epochs=epochs, init_milestones=scaled(PYCIL_INIT, epochs),
+                        milestones=scaled(PYCIL_LATER[model], epochs))
         self.learner = getattr(module, PYCIL_CLASS[model])(args)
+        if model == "podnet":  # its test accuracy after every epoch changes nothing: skipped, to time the training
+            module.ft_epochs = max(1, round(PODNET_FT_EPOCHS * epochs / PODNET_EPOCHS))
+            self.learner._compute_accuracy = lambda *a, **k: 0.0
         if model == "bic":
             # PyCIL's BiC holds out int(0.1 * memory_size / known classes) samples per class, memory_size
             # / known classes being the exemplars per class of a shared budget; with a fixed number per
@@ -186,10 +211,16 @@ class PyCILLearner:
         return n, n * int(np.prod(self.learner._data_memory.shape[1:])) if n else 0
 
 
-def our_params(model: str, data, epochs: int, per_class: int, backbone: str) -> dict:
+def our_params(model: str, data, epochs: int, per_class: int, backbone: str, extra: list[str] = ()) -> dict:
+    """Our method's settings: the shared stream's, then `extra` (KEY=VALUE, a diagnostic --set)."""
     name = OURS.get(model, model)
     sets = [(name, "memory_per_class", str(per_class)), (name, "backbone", backbone)]
     sets += [("icarl", "loss", "ce_kd")] if model == "icarl" else []
+    for item in extra:
+        key, eq, value = item.partition("=")
+        if not eq or key not in METHODS.get(name).params:
+            raise HarnessError(f"--set {item!r}: expected KEY=VALUE with KEY a setting of {name}")
+        sets.append((name, key, value))
     return resolve_params(METHODS.get(name), data.protocol.family, sets, {"epochs": epochs})[0]
 
 
@@ -225,16 +256,20 @@ def main() -> None:
     ap.add_argument("--pycil-workers", type=int, default=8, help="PyCIL's DataLoader workers (it ships 8)")
     ap.add_argument("--max-train-per-class", type=int, help="cap the training data (quick checks)")
     ap.add_argument("--tasks", type=int, help="stop after this many tasks")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="change a setting of ours (a diagnostic: what a difference between the two sides is worth)")
     ap.add_argument("--ours-only", action="store_true",
                     help="run our side alone (a second seed of ours beside the peer's first)")
     args = ap.parse_args()
     discover(())
     device = torch.device("cpu")
+    if args.set and args.csv:
+        sys.exit("error: --set changes our side from the shared settings: its line does not go to --csv")
     try:
         data = prepare(get_protocol(args.protocol), max_train_per_class=args.max_train_per_class)
         if data.protocol.dataset != "quickdraw" or not data.in_memory:
             raise HarnessError(f"{args.protocol}: this benchmark feeds PyCIL in-memory QuickDraw protocols only")
-        hp = our_params(args.model, data, args.epochs, args.memory_per_class, args.backbone)
+        hp = our_params(args.model, data, args.epochs, args.memory_per_class, args.backbone, args.set)
         pycil = load_pycil(args.pycil.expanduser())
     except HarnessError as e:
         sys.exit(f"error: {e}")
@@ -242,9 +277,10 @@ def main() -> None:
           f"{args.memory_per_class} exemplars per class, "
           f"{torch.get_num_threads()} CPU threads\n  ours: lr {hp['lr']} batch {hp['batch_size']}, weight decay "
           f"{hp['init_weight_decay'] if hp['init_weight_decay'] >= 0 else hp['weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
-          f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, multistep milestones "
-          f"{scaled(PYCIL_LATER[args.model] if args.model == 'bic' else PYCIL_INIT, args.epochs)} then "
-          f"{scaled(PYCIL_LATER[args.model], args.epochs)}", flush=True)
+          f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, " + (
+              "a cosine schedule" if args.model == "podnet" else
+              f"multistep milestones {scaled(PYCIL_LATER[args.model] if args.model == 'bic' else PYCIL_INIT, args.epochs)}"
+              f" then {scaled(PYCIL_LATER[args.model], args.epochs)}"), flush=True)
     own: list[float] = []
     ours_name = f"ours (methods/{OURS.get(args.model, args.model)}.py" + (", loss=ce_kd)" if args.model == "icarl" else ")")
     peer_name = f"PyCIL models/{args.model}.py"
