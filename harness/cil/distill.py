@@ -58,3 +58,36 @@ def sigmoid_distillation_loss(
         targets = sigmoid_distillation_targets(targets, teacher_logits)
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return loss.sum(1).mean() if per_class == "sum" else loss.mean()
+
+
+def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch.Tensor:
+    """PODNet's POD-spatial (Douillard et al. 2020, eq. 2-3; PyCIL's `pod_spatial_loss`): per stage,
+    the squared activations summed along the height and along the width, the two pooled vectors
+    concatenated and L2-normalised per image, the L2 distance of new to old; batch mean, stage mean."""
+    loss = maps[0].new_zeros(())
+    for a, b in zip(maps, old_maps):
+        a, b = a.pow(2), b.pow(2)
+        pooled_a = torch.cat([a.sum(dim=3).flatten(1), a.sum(dim=2).flatten(1)], dim=1)
+        pooled_b = torch.cat([b.sum(dim=3).flatten(1), b.sum(dim=2).flatten(1)], dim=1)
+        loss = loss + torch.linalg.vector_norm(F.normalize(pooled_a, dim=1) - F.normalize(pooled_b, dim=1), dim=1).mean()
+    return loss / len(maps)
+
+
+def pod_flat(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """PODNet's POD-flat (PyCIL: `cosine_embedding_loss` with target 1): mean of 1 - cos(new, old)."""
+    return F.cosine_embedding_loss(features, old_features, features.new_ones(len(features)))
+
+
+def nca_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """PODNet's NCA loss on the local-similarity classifier's scores (the authors' `nca`, with
+    `exclude_pos_denominator`): the target's score less `margin`, every score shifted by the row's
+    maximum; the denominator sums exp over the other classes plus exp(0) in the target's place.
+    PyCIL's `nca` subtracts its margin (0.6) from every class, where it cancels: margin 0 here."""
+    rows = torch.arange(len(labels), device=scores.device)
+    scores = scores.clone()
+    scores[rows, labels] -= margin
+    scores = scores - scores.max(dim=1, keepdim=True).values
+    target = scores[rows, labels]
+    others = scores.clone()
+    others[rows, labels] = 0.0  # exp(0) = 1 in the target's place, as both codes compute it
+    return (torch.logsumexp(others, dim=1) - target).mean()
