@@ -57,6 +57,9 @@ def _value(value) -> str:
     return f"`{_cell('none' if value is None else value)}`"
 
 
+refused: dict[str, str] = {}  # family -> why its recipe does not resolve, from the last _family_columns
+
+
 def _family_columns(cls) -> list[tuple[str, dict]]:
     """[(column heading, resolved settings)]: one column per protocol family with its own values, for the
     built-in families (the default protocol's first) and any other family the method has a recipe for;
@@ -70,10 +73,17 @@ def _family_columns(cls) -> list[tuple[str, dict]]:
     built_in = sorted({PROTOCOLS.get(n).family for n in PROTOCOLS.names()} - {""}, key=lambda f: (f != first, f))
     recipes = getattr(cls, "protocol_defaults", {})
     families = built_in + sorted(set(recipes) - set(built_in))
+    from harness.errors import HarnessError
+
     declared, _ = resolve_params(cls, None)  # no family: the declared defaults (and setting recipes)
     columns: dict[str, tuple[list[str], dict]] = {}
+    refused.clear()
     for family in families:
-        values = resolve_params(cls, family)[0] if family in recipes else declared
+        try:
+            values = resolve_params(cls, family)[0] if family in recipes else declared
+        except HarnessError as e:  # a recipe the method cannot take (e.g. a backbone it cannot use)
+            refused[family] = str(e)
+            continue
         columns.setdefault(repr(sorted(values.items())), ([], values))[0].append(family)
     others = columns.setdefault(repr(sorted(declared.items())), ([], declared))[0]
     others.append("other families" if others else "any other family")
@@ -104,6 +114,8 @@ def settings_table(name: str) -> str:
         rows.append(f"| `{key}` | {kind} | {values} | {_cell(allowed)} | {_cell(p.help)} |")
     for condition, recipe in sorted(getattr(cls, "setting_defaults", {}).items()):
         rows.append(f"\nWith `{condition}`: " + ", ".join(f"`{k}={v}`" for k, v in recipe.items()) + ".")
+    for family, why in sorted(refused.items()):
+        rows.append(f"\nOn {family} protocols a run is refused: `{_cell(why)}`.")
     return "\n".join(rows) + "\n"
 
 

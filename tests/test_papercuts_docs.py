@@ -134,3 +134,13 @@ def test_families_that_resolve_alike_share_a_column():
     header, rows = _table(hooks.settings_table("gmm"))
     # GMM has a recipe for quickdraw only: every other family runs with the declared defaults
     assert header[2:4] == ["quickdraw", "cifar100, fmnist, imagenet100, imagenet_r, other families"]
+
+
+def test_a_family_whose_recipe_the_method_cannot_take_is_said_to_be_refused():
+    """MEMO cuts three-stage networks only: the ImageNet recipes' ResNet-18 gets a line, not a column
+    (and the docs build does not stop on it)."""
+    hooks = _hooks()
+    markdown = hooks.settings_table("memo")
+    header, _ = _table(markdown)
+    assert not any("imagenet" in h for h in header)
+    assert "On imagenet100 protocols a run is refused: `memo.backbone='resnet18'" in markdown
