@@ -1,5 +1,5 @@
 """A method of ours vs PyCIL's own, on the same stream, in one run: `--model icarl` (ours
-`loss=ce_kd`), `wa`, `bic`, `der` (ours `der_expand`), `memo` or `podnet`.
+`loss=ce_kd`), `wa`, `bic`, `der` (ours `der_expand`), `memo`, `podnet` or `foster`.
 
 PyCIL (https://github.com/G-U-N/PyCIL) is neither a dependency nor vendored: point
 `--pycil` at a local checkout. Its `models/<model>.py` trains as shipped (iCaRL: softmax CE +
@@ -7,7 +7,9 @@ KD at T=2, herding, NME; WA: (1-λ) CE + λ KD, weight aligning, the head; BiC: 
 split, the head; DER: an extractor per task, CE + auxiliary CE, weight aligning, the head; MEMO: DER's, growing the
 last stage alone on a shared trunk (its settings are exps/memo.json's, its epochs and milestones scaled as
 the others' module constants); PODNet: NCA on its proxies' classifier, POD-spatial and POD-flat,
-class-balanced fine-tuning (its 160 + 20 epochs scaled to --epochs), cosine schedule, NME; all SGD momentum
+class-balanced fine-tuning (its 160 + 20 epochs scaled to --epochs), cosine schedule, NME; FOSTER: boosting a
+second extractor beside the frozen one, then its compression into one by balanced KD (exps/foster.json's settings,
+170 + 130 epochs scaled to --epochs, cosine schedules), scored by the boosted pair's head as its eval_task; all SGD momentum
 0.9, lr 0.1, batch 128, weight decay 5e-4 then 2e-4, a new optimizer and MultiStepLR per
 task); this script only
 - hands it the harness's QuickDraw stream (same classes, same order, same train/test split)
@@ -32,7 +34,7 @@ after every epoch of both of its stages is skipped, see PyCILLearner). `--csv FI
 (method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s), e.g. to
 results/reference/quickdraw100_10x10/peers.csv.
 
-    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa|bic|der|memo|podnet] [--protocol quickdraw100_10x10]
+    python benchmarks/peer_pycil.py --pycil ~/src/PyCIL [--model icarl|wa|bic|der|memo|podnet|foster] [--protocol quickdraw100_10x10]
         [--seed 0] [--epochs 30] [--backbone convnet_bn|resnet32] [--memory-per-class 20] [--tasks N]
         [--max-train-per-class N] [--pycil-workers 8] [--csv FILE] [--ours-only] [--set KEY=VALUE ...]
 """
@@ -65,11 +67,12 @@ from peer_icarl import run_side_by_side  # noqa: E402
 PYCIL_INIT = (200, (60, 120, 170))
 # BiC has one schedule for every task: its first task's is set to its later one.
 PYCIL_LATER = {"icarl": (170, (80, 120)), "wa": (170, (60, 100, 140)), "bic": (170, (60, 100, 140)),
-               "der": (170, (80, 120, 150)), "memo": (170, (80, 120, 150)), "podnet": (160, ())}
-PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA", "bic": "BiC", "der": "DER", "memo": "MEMO", "podnet": "PODNet"}
+               "der": (170, (80, 120, 150)), "memo": (170, (80, 120, 150)), "podnet": (160, ()), "foster": (170, ())}
+PYCIL_CLASS = {"icarl": "iCaRL", "wa": "WA", "bic": "BiC", "der": "DER", "memo": "MEMO", "podnet": "PODNet",
+               "foster": "FOSTER"}
 PODNET_EPOCHS, PODNET_FT_EPOCHS = 160, 20  # models/podnet.py's, scaled to --epochs
 OURS = {"der": "der_expand"}  # our name where it differs from PyCIL's (Avalanche's `der` is another method)
-HEAD_SCORED = ("wa", "bic", "der", "memo")  # scored by their head (PyCIL's CNN accuracy); iCaRL by NME
+HEAD_SCORED = ("wa", "bic", "der", "memo", "foster")  # scored by their head (PyCIL's CNN accuracy); iCaRL by NME
 CSV_HEADER = "method,peer,seed,ours_avg,ours_last,peer_avg,peer_last,ours_wall_s,peer_wall_s"
 
 
@@ -103,6 +106,13 @@ def _memo_parts(in_channels: int, args=None, pretrained=False):
 MEMO_JSON = {"train_base": True, "train_adaptive": False, "skip": False, "scheduler": "steplr", "t_max": None,
              "init_lr": 0.1, "init_weight_decay": 5e-4, "init_lr_decay": 0.1, "lrate": 0.1, "batch_size": 128,
              "weight_decay": 2e-4, "lrate_decay": 0.1, "alpha_aux": 1.0}
+
+
+# exps/foster.json's settings; its epochs are set from --epochs (boosting) and scaled (compression, 130 of 170).
+FOSTER_JSON = {"beta1": 0.96, "beta2": 0.97, "oofc": "ft", "is_teacher_wa": False, "is_student_wa": False,
+               "lambda_okd": 1, "wa_value": 1, "init_lr": 0.1, "init_weight_decay": 5e-4, "lr": 0.1,
+               "batch_size": 128, "weight_decay": 5e-4, "T": 2}
+FOSTER_EPOCHS, FOSTER_COMPRESSION_EPOCHS = 170, 130
 
 
 def load_pycil(root: Path) -> dict:
@@ -168,9 +178,13 @@ class PyCILLearner:
         if model == "memo":  # MEMO reads its settings from args (exps/memo.json), not module constants
             args.update(MEMO_JSON, init_epoch=epochs, epochs=epochs, init_milestones=scaled(PYCIL_INIT, epochs),
                         milestones=scaled(PYCIL_LATER[model], epochs))
+        if model == "foster":  # settings from args (exps/foster.json), as MEMO's
+            args.update(FOSTER_JSON, init_epochs=epochs, boosting_epochs=epochs, num_workers=workers,
+                        compression_epochs=max(1, round(FOSTER_COMPRESSION_EPOCHS * epochs / FOSTER_EPOCHS)))
         self.learner = getattr(module, PYCIL_CLASS[model])(args)
-        if model == "podnet":  # its test accuracy after every epoch changes nothing: skipped, to time the training
+        if model == "podnet":
             module.ft_epochs = max(1, round(PODNET_FT_EPOCHS * epochs / PODNET_EPOCHS))
+        if model in ("podnet", "foster"):  # its test accuracy every few epochs changes nothing: skipped, to time the training
             self.learner._compute_accuracy = lambda *a, **k: 0.0
         if model == "bic":
             # PyCIL's BiC holds out int(0.1 * memory_size / known classes) samples per class, memory_size
@@ -216,6 +230,8 @@ def our_params(model: str, data, epochs: int, per_class: int, backbone: str, ext
     name = OURS.get(model, model)
     sets = [(name, "memory_per_class", str(per_class)), (name, "backbone", backbone)]
     sets += [("icarl", "loss", "ce_kd")] if model == "icarl" else []
+    if model == "foster":  # the compression's epochs scaled as PyCIL's side scales them
+        sets.append(("foster", "compression_epochs", str(max(1, round(FOSTER_COMPRESSION_EPOCHS * epochs / FOSTER_EPOCHS)))))
     for item in extra:
         key, eq, value = item.partition("=")
         if not eq or key not in METHODS.get(name).params:
@@ -230,12 +246,13 @@ def ours(model: str, data, device, hp: dict, seed: int):
         context=MethodContext(p, data.class_names, device, seed, data.in_memory, quiet=True), hp=hp)
 
 
-def append_csv(path: Path, model: str, seed: int, ours_r: dict, peer_r: dict | None) -> None:
+def append_csv(path: Path, model: str, seed: int, ours_r: dict, peer_r: dict | None, peer: str = "") -> None:
     """One line of peers.csv (header written with the first line); the peer's fields empty where
-    it was not run (--ours-only)."""
+    it was not run (--ours-only); `peer` names it (default pycil:<model>)."""
+    name = peer or f"pycil:{model}"
     peer = ["", "", ""] if peer_r is None else [f"{peer_r['avg_incremental_accuracy']:.2f}",
                                                 f"{peer_r['last_accuracy']:.2f}", f"{peer_r['wall_time_s']:.0f}"]
-    line = ",".join([OURS.get(model, model), f"pycil:{model}", str(seed),
+    line = ",".join([OURS.get(model, model), name, str(seed),
                      f"{ours_r['avg_incremental_accuracy']:.2f}", f"{ours_r['last_accuracy']:.2f}", *peer[:2],
                      f"{ours_r['wall_time_s']:.0f}", peer[2]])
     new = not path.exists() or path.stat().st_size == 0
@@ -278,7 +295,7 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads\n  ours: lr {hp['lr']} batch {hp['batch_size']}, weight decay "
           f"{hp['init_weight_decay'] if hp['init_weight_decay'] >= 0 else hp['weight_decay']} then {hp['weight_decay']}, {hp['lr_schedule']} schedule, {hp['augment']} "
           f"(pad {hp['crop_padding']})\n  PyCIL: its own settings, " + (
-              "a cosine schedule" if args.model == "podnet" else
+              "a cosine schedule" if args.model in ("podnet", "foster") else
               f"multistep milestones {scaled(PYCIL_LATER[args.model] if args.model == 'bic' else PYCIL_INIT, args.epochs)}"
               f" then {scaled(PYCIL_LATER[args.model], args.epochs)}"), flush=True)
     own: list[float] = []

@@ -42,13 +42,17 @@ class CosineHead(nn.Module):
         weight = torch.empty(n_new * self.nb_proxy, self.in_features, device=self.sigma.device).uniform_(-bound, bound)
         self.blocks.append(nn.Parameter(weight))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def cosines(self, features: torch.Tensor) -> torch.Tensor:
+        """Each class's score before the scale: in [-1, 1] (LUCIR's margin ranking reads them)."""
         weights = torch.cat(list(self.blocks))
         cosines = F.linear(F.normalize(features, dim=1), F.normalize(weights, dim=1))
         if self.nb_proxy > 1:  # softmax-weighted mean of each class's proxies
             per_class = cosines.view(len(cosines), -1, self.nb_proxy)
             cosines = (per_class.softmax(dim=-1) * per_class).sum(-1)
-        return self.sigma * cosines
+        return cosines
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.cosines(features)
 
 
 class CosineNet(DynamicModule):

@@ -73,9 +73,30 @@ def pod_spatial(maps: list[torch.Tensor], old_maps: list[torch.Tensor]) -> torch
     return loss / len(maps)
 
 
+def feature_cosine_distance(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(new, old) over the batch (torch's cosine embedding loss with target 1): LUCIR's
+    less-forget constraint (Hou et al. 2019, eq. 6; FACIL's lucir.py) and PODNet's POD-flat."""
+    return F.cosine_embedding_loss(features, old_features, features.new_ones(len(features)))
+
+
 def pod_flat(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
     """PODNet's POD-flat (PyCIL: `cosine_embedding_loss` with target 1): mean of 1 - cos(new, old)."""
-    return F.cosine_embedding_loss(features, old_features, features.new_ones(len(features)))
+    return feature_cosine_distance(features, old_features)
+
+
+def margin_ranking(cosines: torch.Tensor, labels: torch.Tensor, n_old: int, k: int = 2,
+                   margin: float = 0.5) -> torch.Tensor:
+    """LUCIR's inter-class separation (Hou et al. 2019, eq. 8; FACIL's lucir.py): for each sample of an
+    old class, its class's cosine must exceed each of the `k` highest new-class cosines by `margin`;
+    hinge, mean over those pairs; zero when the batch holds no old-class sample."""
+    old = labels < n_old
+    if not old.any():
+        return cosines.new_zeros(())
+    target = cosines[old].gather(1, labels[old, None])  # (n, 1)
+    hardest_new = cosines[old, n_old:].topk(min(k, cosines.shape[1] - n_old), dim=1).values  # (n, k)
+    target = target.expand_as(hardest_new)
+    return F.margin_ranking_loss(target.reshape(-1), hardest_new.reshape(-1), torch.ones_like(target.reshape(-1)),
+                                 margin=margin)
 
 
 def nca_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -91,3 +112,14 @@ def nca_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) ->
     others = scores.clone()
     others[rows, labels] = 0.0  # exp(0) = 1 in the target's place, as both codes compute it
     return (torch.logsumexp(others, dim=1) - target).mean()
+
+
+def balanced_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, class_weights: torch.Tensor,
+                temperature: float = 2.0) -> torch.Tensor:
+    """FOSTER's balanced distillation (Wang et al. 2022; PyCIL's `BKD`): the teacher's softened
+    probabilities times per-class weights, renormalised, as the targets of the student's softened
+    log-probabilities; cross-entropy summed over classes, batch mean, no T^2 factor."""
+    t = temperature
+    soft = F.softmax(teacher_logits / t, dim=1) * class_weights
+    soft = soft / soft.sum(dim=1, keepdim=True)
+    return -(soft * F.log_softmax(student_logits / t, dim=1)).sum(dim=1).mean()

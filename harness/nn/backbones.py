@@ -105,9 +105,12 @@ class _BasicBlock(nn.Module):
             if stride != 1 or cin != cout else nn.Identity()
         )
 
+    last_relu = True  # LUCIR drops it in the network's last block (drop_last_relu)
+
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return torch.relu(out) if self.last_relu else out
 
 
 class CifarResNet(nn.Module):
@@ -168,6 +171,18 @@ def split_last_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
         cut = 2 * len(net.layers) // 3
         return nn.Sequential(net.stem, net.layers[:cut]), _LastStage(net.layers[cut:], net.out_dim)
     raise HarnessError(f"{type(net).__name__} has no generalised/specialised split: use convnet_bn or resnet32")
+
+
+def drop_last_relu(net: nn.Module) -> nn.Module:
+    """`net` without the ReLU after its last layer, so its features take either sign (LUCIR, Hou et al.
+    2019, section 4.1: "the ReLU in the penultimate layer is removed"; FACIL's BasicBlockNoRelu)."""
+    if isinstance(net, ConvNetBN) and isinstance(net.body[-1], nn.ReLU):
+        net.body[-1] = nn.Identity()
+    elif isinstance(net, CifarResNet):
+        net.layers[-1].last_relu = False
+    else:
+        raise HarnessError(f"{type(net).__name__}: no last ReLU to drop; use convnet_bn or resnet32")
+    return net
 
 
 @backbone("resnet18")
