@@ -49,7 +49,7 @@ from harness.nn.backbones import ConvNetBN, drop_last_relu  # noqa: E402
 from harness.protocol import get_protocol  # noqa: E402
 from harness.registry import discover  # noqa: E402
 from peer_icarl import run_side_by_side  # noqa: E402
-from peer_pycil import append_csv, our_params, ours  # noqa: E402
+from peer_pycil import append_csv, grey, our_params, ours  # noqa: E402
 
 FACIL_LUCIR = {"lr_min": 1e-4, "lr_factor": 10, "lr_patience": 8, "momentum": 0.9, "wd": 5e-4,
                "lamb": 5.0, "lamb_mr": 1.0, "dist": 0.5, "K": 2}  # lucir.py's defaults (its CIFAR-100 ones)
@@ -118,7 +118,7 @@ class FACILLearner:
         self.test_tf = transforms.ToTensor()
         train_x, self.train_y = materialise(data.train)
         test_x, self.test_y = materialise(data.test)
-        self.train_x, self.test_x = self._grey(train_x), self._grey(test_x)
+        self.train_x, self.test_x = grey(train_x), grey(test_x)
         self.memory_dataset, self.validation, self.rng = memory.MemoryDataset, validation, np.random.RandomState(seed)
         self.batch, self.workers, self.device, self.own = batch, workers, device, own
 
@@ -130,10 +130,6 @@ class FACILLearner:
                                **FACIL_LUCIR)
         self.task, self.seen = 0, 0
         self.name = "facil:lucir"  # how the evaluator names it in errors
-
-    @staticmethod
-    def _grey(x: torch.Tensor) -> np.ndarray:  # (N, 1, H, W) float -> (N, H, W) uint8: PIL's 'L' images
-        return x.mul(255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
 
     def _loader(self, x, y, tf, shuffle: bool):
         ds = self.memory_dataset({"x": x, "y": [int(v) for v in y]}, tf)

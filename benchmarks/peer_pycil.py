@@ -115,6 +115,11 @@ FOSTER_JSON = {"beta1": 0.96, "beta2": 0.97, "oofc": "ft", "is_teacher_wa": Fals
 FOSTER_EPOCHS, FOSTER_COMPRESSION_EPOCHS = 170, 130
 
 
+def grey(x: torch.Tensor) -> np.ndarray:
+    """(N, 1, H, W) float images -> (N, H, W) uint8, what PIL reads as 'L' images (PyCIL's and FACIL's datasets)."""
+    return x.mul(255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+
 def load_pycil(root: Path) -> dict:
     """PyCIL's modules this benchmark drives, imported from the checkout at `root`."""
     if not (root / "models" / "icarl.py").is_file():
@@ -148,9 +153,6 @@ class PyCILLearner:
 
         train_x, train_y = materialise(data.train)
         test_x, test_y = materialise(data.test)
-
-        def grey(x):  # (N, 1, H, W) float -> (N, H, W) uint8, what PIL reads as an 'L' image
-            return x.mul(255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
 
         repeat = [transforms.Grayscale(num_output_channels=3)] if backbone == "resnet32" else []
 

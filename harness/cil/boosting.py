@@ -23,7 +23,7 @@ import torch
 from avalanche.models.dynamic_modules import DynamicModule
 from torch import nn
 
-from harness.cil.expandable import simple_linear
+from harness.cil.expandable import grown_linear, simple_linear
 
 
 class _Single(nn.Module):
@@ -35,15 +35,6 @@ class _Single(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-def _grown(head: nn.Linear, in_features: int, classes: int) -> nn.Linear:
-    """A SimpleLinear of the new shape holding `head`'s weights in its top-left corner."""
-    new = simple_linear(in_features, classes).to(head.weight.device)
-    with torch.no_grad():
-        new.weight[:head.out_features, :head.in_features] = head.weight
-        new.bias[:head.out_features] = head.bias
-    return new
 
 
 class BoostedNet(DynamicModule):
@@ -81,9 +72,9 @@ class BoostedNet(DynamicModule):
             self.single = None
             self.old = old.requires_grad_(False).eval()
             self.new_backbone = copy.deepcopy(old.backbone).requires_grad_(True)
-            self.head = _grown(old.head, 2 * self.out_dim, total)
+            self.head = grown_linear(old.head, 2 * self.out_dim, total)
             self.fe_head = simple_linear(self.out_dim, total).to(old.head.weight.device)
-            self.student = _Single(copy.deepcopy(old.backbone), _grown(old.head, self.out_dim, total))
+            self.student = _Single(copy.deepcopy(old.backbone), grown_linear(old.head, self.out_dim, total))
             self.student.requires_grad_(True)
         self.task_sizes.append(new)
         self.train()

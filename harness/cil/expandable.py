@@ -35,6 +35,16 @@ def simple_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
+def grown_linear(head: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """A `simple_linear` of the new shape holding `head`'s weights and biases in its top-left corner:
+    the old classes keep their weights on the old features (DER's, MEMO's and FOSTER's classifiers)."""
+    new = simple_linear(in_features, out_features).to(head.weight.device)
+    with torch.no_grad():
+        new.weight[:head.out_features, :head.in_features] = head.weight
+        new.bias[:head.out_features] = head.bias
+    return new
+
+
 class ExpandableNet(DynamicModule):
     def __init__(self, make_backbone: Callable[[], nn.Module], trunk: nn.Module | None = None):
         super().__init__()
@@ -59,12 +69,10 @@ class ExpandableNet(DynamicModule):
         if self.task_sizes:
             self.backbones.requires_grad_(False)
             self.backbones.append(copy.deepcopy(self.backbones[-1]).requires_grad_(True))
-        old_head = self.head
-        self.head = simple_linear(self.out_dim * len(self.backbones), known + new).to(device)
-        if old_head is not None:
-            with torch.no_grad():
-                self.head.weight[:known, :old_head.in_features] = old_head.weight
-                self.head.bias[:known] = old_head.bias
+        if self.head is None:
+            self.head = simple_linear(self.out_dim, new).to(device)
+        else:
+            self.head = grown_linear(self.head, self.out_dim * len(self.backbones), known + new)
         self.aux_head = simple_linear(self.out_dim, new + 1).to(device)
         self.task_sizes.append(new)
         self.train()  # the frozen extractors to eval mode
